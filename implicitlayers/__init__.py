@@ -1,0 +1,42 @@
+"""implicitlayers: implicit layers (deep equilibrium models) for PyTorch.
+
+Wrap any ``f(z, *inputs)`` in :class:`DEQ` and its output becomes the fixed point
+``z* = f(z*, *inputs)``, found by a pluggable solver and differentiated by a pluggable
+backward rule.
+"""
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+
+from ._deq import DEQ, DEQOutput
+from ._errors import ConvergenceError, ConvergenceWarning
+from ._fixed_point import fixed_point
+from ._result import SolverResult, Status
+from .backward import JFB, AbstractBackward, ImplicitDifferentiation, Neumann
+from .solvers import AbstractSolver, Anderson, Broyden, Picard
+
+try:
+    __version__ = version("implicitlayers")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "DEQ",
+    "JFB",
+    "AbstractBackward",
+    "AbstractSolver",
+    "Anderson",
+    "Broyden",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "DEQOutput",
+    "ImplicitDifferentiation",
+    "Neumann",
+    "Picard",
+    "SolverResult",
+    "Status",
+    "__version__",
+    "fixed_point",
+]

@@ -1,0 +1,193 @@
+"""``fixed_point``: the functional core, no autograd."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _tree
+from ._autocast import AutocastSplit
+from ._errors import ConvergenceError, ConvergenceWarning
+from ._result import SolverResult, Status
+from .solvers import AbstractSolver
+from .solvers._loop import run_loop
+
+__all__ = ["fixed_point"]
+
+logger = logging.getLogger(__name__)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def fixed_point(
+    f: Callable[..., Any],
+    z0: Any,
+    *inputs: Any,
+    solver: AbstractSolver | str = "anderson",
+    independent_samples: bool = False,
+) -> SolverResult:
+    r"""Solve :math:`z^\star = f(z^\star, \text{inputs})` for every sample of a batch.
+
+    Runs without recording autograd history. Each sample stops as soon as
+
+    .. math::
+
+        \|f(z) - z\| \le \mathrm{atol} + \mathrm{rtol}\, \|f(z)\|
+
+    (norms over all non-batch dimensions), after which its iterate is frozen.
+
+    Args:
+        f: Callable ``f(z, *inputs)`` returning a state with the structure of ``z``.
+        z0: Initial state: a tensor of shape ``(B, *S)`` or a tuple/list/dict of such tensors
+            sharing ``B``, dtype and device.
+        *inputs: Extra arguments passed to ``f`` unchanged.
+        solver: A solver object (:class:`~implicitlayers.Picard`,
+            :class:`~implicitlayers.Anderson`, :class:`~implicitlayers.Broyden`, or your own
+            :class:`~implicitlayers.solvers.AbstractSolver`) or one of their names.
+        independent_samples: Evaluate ``f`` only on the samples still running, so a batch costs
+            the sum of its samples' iterations rather than batch size times the slowest. Valid
+            only when ``f`` treats samples independently (no batch norm in training mode) and
+            every tensor input whose leading dimension equals ``B`` is batched along it.
+
+    Returns:
+        A :class:`~implicitlayers.SolverResult`; ``result.z`` holds the solution.
+
+    Raises:
+        ConvergenceError: When the solver's policies say so (by default, when ``f`` returns
+            NaN or Inf).
+        ValueError: When ``f`` returns a state whose structure differs from ``z0``'s.
+
+    Example:
+        >>> import torch, implicitlayers as il
+        >>> x = torch.tensor([[1.0], [2.0]])
+        >>> result = il.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros(2, 1), x,
+        ...                         solver=il.Anderson(rtol=1e-8))
+        >>> torch.allclose(result.z, 2 * x)  # z = 0.5 z + x  =>  z = 2 x
+        True
+        >>> bool(result.converged.all())
+        True
+    """
+    from ._lookup import as_solver
+
+    solver = as_solver(solver)
+    if not callable(f):
+        raise TypeError(f"f must be callable as f(z, *inputs), got {type(f).__name__}")
+    if not isinstance(independent_samples, bool):
+        raise TypeError(f"independent_samples must be a bool, got {independent_samples!r}")
+    spec = _tree.spec_of(z0)
+    parts = _tree.leaves(z0)
+    batch = _tree.batch_size(parts)
+    _check_leaves(parts)
+    out_dtype = parts[0].dtype
+    work_dtype = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
+    amp = AutocastSplit(parts[0].device.type)
+    f_flat = _flat_map(f, spec, inputs, batch, out_dtype, amp)
+    with torch.no_grad(), amp.bookkeeping():
+        flat0 = _tree.flatten(z0).to(work_dtype)
+        if batch == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=flat0.device)
+            return SolverResult(
+                z=_tree.unflatten(flat0.to(out_dtype), spec),
+                status=empty,
+                converged=empty.bool(),
+                n_steps=empty,
+                residual=flat0.new_zeros(0),
+                n_f_evals=0,
+            )
+        out = run_loop(f_flat, flat0, solver, independent_samples=independent_samples)
+    result = SolverResult(
+        z=_tree.unflatten(out.z.to(out_dtype), spec),
+        status=out.status,
+        converged=out.status == int(Status.SUCCESS),
+        n_steps=out.n_steps,
+        residual=out.residual,
+        n_f_evals=out.n_f_evals,
+        trace=out.trace,
+    )
+    _apply_policies(result, solver)
+    return result
+
+
+def _check_leaves(parts: list[Tensor]) -> None:
+    first = parts[0]
+    for p in parts:
+        if not p.is_floating_point():
+            raise TypeError(
+                f"z0 must hold floating-point tensors, got dtype {p.dtype}; "
+                "pass z0 as float32 or float64"
+            )
+        if p.dtype != first.dtype or p.device != first.device:
+            raise ValueError(
+                "every tensor of z0 must share dtype and device, got "
+                f"{first.dtype} on {first.device} and {p.dtype} on {p.device}"
+            )
+
+
+def _flat_map(
+    f: Callable[..., Any],
+    spec: _tree.TreeSpec,
+    inputs: tuple[Any, ...],
+    batch: int,
+    dtype: torch.dtype,
+    amp: AutocastSplit,
+) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """Wrap ``f`` to map flat ``(b, n)`` iterates to flat outputs, checking the structure."""
+
+    def f_flat(z: Tensor, idx: Tensor | None) -> Tensor:
+        args = inputs if idx is None else tuple(_select(x, idx, batch) for x in inputs)
+        with amp.user():
+            out = f(_tree.unflatten(z.to(dtype), spec), *args)
+        check_structure(out, spec)
+        return _tree.flatten(out)
+
+    return f_flat
+
+
+def check_structure(out: Any, spec: _tree.TreeSpec) -> None:
+    """Raise a ``ValueError`` naming both structures when ``f``'s output does not match ``z0``."""
+    try:
+        out_spec = _tree.spec_of(out)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"f returned {type(out).__name__}, expected {spec.describe()}") from err
+    if out_spec != spec:
+        raise ValueError(
+            f"f(z, *inputs) returned shape {out_spec.describe()} but z0 has shape "
+            f"{spec.describe()}; a fixed point needs f to map z to the same shape. Pass z0 "
+            "with the shape of f's output (DEQ(...)(x, z0=...), fixed_point(f, z0, x))."
+        )
+
+
+def _select(x: Any, idx: Tensor, batch: int) -> Any:
+    if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch:
+        return x[idx]
+    return x
+
+
+def _apply_policies(result: SolverResult, solver: AbstractSolver) -> None:
+    status = result.status
+    logger.debug("fixed_point: %s", result.summary())
+    nonfinite = status == int(Status.NONFINITE)
+    failed = (status != int(Status.SUCCESS)) & ~nonfinite
+    for mask, policy in ((nonfinite, solver.on_nonfinite), (failed, solver.on_max_iter)):
+        if policy == "ignore" or not bool(mask.any()):
+            continue
+        message = _describe_failure(result, mask, type(solver).__name__)
+        if policy == "raise":
+            raise ConvergenceError(message, result)
+        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+
+
+def _describe_failure(result: SolverResult, mask: Tensor, solver_name: str) -> str:
+    idx = mask.nonzero().squeeze(1).tolist()
+    shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
+    codes = sorted({int(s) for s in result.status[mask].tolist()})
+    reasons = " ".join(f"{Status(c).name}: {Status(c).message}" for c in codes)
+    return (
+        f"{solver_name} stopped {len(idx)}/{result.batch_size} samples without converging "
+        f"(samples {shown}). {reasons}"
+    )

@@ -1,0 +1,11 @@
+"""Backward rules: how a fixed point is differentiated.
+
+Subclass :class:`AbstractBackward` and implement ``adjoint`` to plug in your own.
+"""
+
+from ._base import VJP, AbstractBackward
+from ._implicit import ImplicitDifferentiation
+from ._jfb import JFB
+from ._neumann import Neumann
+
+__all__ = ["JFB", "VJP", "AbstractBackward", "ImplicitDifferentiation", "Neumann"]

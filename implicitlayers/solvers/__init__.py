@@ -1,0 +1,11 @@
+"""Fixed-point solvers: one algorithm per module, one shared driver loop.
+
+Subclass :class:`AbstractSolver` and implement ``init`` and ``step`` to plug in your own.
+"""
+
+from ._anderson import Anderson
+from ._base import AbstractSolver, SolverState
+from ._broyden import Broyden
+from ._picard import Picard
+
+__all__ = ["AbstractSolver", "Anderson", "Broyden", "Picard", "SolverState"]

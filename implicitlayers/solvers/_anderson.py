@@ -1,0 +1,106 @@
+"""Anderson acceleration (type II) with scale-aware regularisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._validate import check_float, check_int
+from ._base import AbstractSolver, SolverState
+
+__all__ = ["Anderson"]
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class Anderson(AbstractSolver):
+    r"""Anderson acceleration (type II, Walker & Ni 2011).
+
+    Keeps the last :math:`m` iterates :math:`z_i` and values :math:`f(z_i)`, with residuals
+    :math:`g_i = f(z_i) - z_i` stacked as the rows of :math:`G`, and mixes them:
+
+    .. math::
+
+        \alpha = \arg\min_{\mathbf{1}^\top \alpha = 1}
+            \|G^\top \alpha\|^2 + \lambda s \|\alpha\|^2, \qquad
+        z_{k+1} = \beta \sum_i \alpha_i f(z_i) + (1 - \beta) \sum_i \alpha_i z_i,
+
+    solved per sample through the bordered system
+    :math:`\begin{bmatrix} 0 & \mathbf{1}^\top \\ \mathbf{1} & GG^\top + \lambda s I
+    \end{bmatrix} \begin{bmatrix} \nu \\ \alpha \end{bmatrix} = e_1`.
+
+    The ridge :math:`\lambda s` scales with the problem: :math:`s` is the largest diagonal
+    entry of :math:`GG^\top`, so the regularisation stays relative as residuals shrink (a fixed
+    ridge, as in torchdeq, swamps the system once residuals are small and degrades Anderson to
+    averaging). A singular or non-finite system never raises: the sample takes a damped Picard
+    step, its history restarts, and a sample that ends unconverged after such a restart is
+    reported as ``Status.BREAKDOWN``. Memory: two ``(B, m, n)`` buffers. Also takes the shared
+    options of :class:`~implicitlayers.solvers.AbstractSolver`.
+
+    Args:
+        history_size: :math:`m \ge 1`, the number of past iterates mixed (``1`` is damped
+            Picard).
+        mixing: :math:`\beta \in (0, 1]`, the weight of :math:`f(z_i)` against :math:`z_i`.
+        regularization: :math:`\lambda \ge 0`, the ridge relative to :math:`s`.
+
+    Example:
+        >>> import torch, implicitlayers as il
+        >>> W = 0.9 * torch.eye(3)
+        >>> r = il.fixed_point(lambda z: z @ W.T + 1, torch.zeros(2, 3),
+        ...                    solver=il.Anderson(history_size=3, rtol=1e-6))
+        >>> r.z[0], int(r.n_steps[0]) < 10
+        (tensor([10.0000, 10.0000, 10.0000]), True)
+    """
+
+    history_size: int = 5
+    mixing: float = 1.0
+    regularization: float = 1e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("history_size", self.history_size, minimum=1)
+        check_float("mixing", self.mixing, low=0.0, high=1.0, low_open=True)
+        check_float("regularization", self.regularization, low=0.0)
+
+    def init(self, z: Tensor) -> SolverState:
+        batch, n = z.shape
+        m = self.history_size
+        return {
+            "X": z.new_zeros(batch, m, n),
+            "F": z.new_zeros(batch, m, n),
+            "count": torch.zeros(batch, dtype=torch.long, device=z.device),
+        }
+
+    def step(self, state: SolverState, z: Tensor, fz: Tensor) -> tuple[Tensor, SolverState, Tensor]:
+        X, F, count = state["X"], state["F"], state["count"]
+        batch, m = X.shape[0], self.history_size
+        rows = torch.arange(batch, device=z.device)
+        slot = count % m
+        X[rows, slot] = z
+        F[rows, slot] = fz
+        count = count + 1
+        valid = torch.arange(m, device=z.device)[None, :] < count.clamp(max=m)[:, None]
+        G = (F - X) * valid[:, :, None]
+        gram = torch.bmm(G, G.transpose(1, 2))
+        scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1)
+        ridge = self.regularization * scale[:, None] * valid + (~valid)
+        system = z.new_zeros(batch, m + 1, m + 1)
+        system[:, 0, 1:] = valid
+        system[:, 1:, 0] = valid
+        system[:, 1:, 1:] = gram * (valid[:, :, None] & valid[:, None, :]) + torch.diag_embed(ridge)
+        rhs = z.new_zeros(batch, m + 1)
+        rhs[:, 0] = 1
+        solution, info = torch.linalg.solve_ex(system, rhs)
+        alpha = solution[:, 1:]
+        ok = (info == 0) & torch.isfinite(alpha).all(dim=1)
+        alpha = torch.where(ok[:, None], alpha, 0.0)[:, None, :]
+        mixed_f = torch.bmm(alpha, F).squeeze(1)
+        if self.mixing == 1.0:
+            z_next = mixed_f
+        else:
+            z_next = torch.lerp(torch.bmm(alpha, X).squeeze(1), mixed_f, self.mixing)
+        picard = torch.lerp(z, fz, self.mixing)
+        z_next = torch.where(ok[:, None], z_next, picard)
+        count = torch.where(ok, count, 0)
+        return z_next, {"X": X, "F": F, "count": count}, ~ok

@@ -1,0 +1,108 @@
+"""The interface every fixed-point solver implements."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from .._repr import compact_repr
+from .._validate import check_choice, check_float, check_int
+
+__all__ = ["AbstractSolver", "SolverState"]
+
+#: A solver's memory between steps: tensors whose leading dimension is the batch, so the
+#: driver loop can select, freeze and restore samples without knowing the algorithm.
+SolverState = dict[str, Tensor]
+
+Policy = Literal["ignore", "warn", "raise"]
+_POLICIES = ("ignore", "warn", "raise")
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class AbstractSolver(abc.ABC):
+    r"""Base class of the fixed-point solvers.
+
+    A solver only proposes the next iterate; the shared driver loop
+    (:func:`~implicitlayers.fixed_point`) evaluates ``f``, measures residuals, freezes samples
+    that have converged, keeps the best iterate, records traces and applies the policies. A
+    sample has converged when
+
+    .. math::
+
+        \|f(z) - z\| \le \mathrm{atol} + \mathrm{rtol}\, \|f(z)\|,
+
+    with norms over all non-batch dimensions.
+
+    To write your own solver, subclass this (as a frozen keyword-only dataclass if it has
+    hyperparameters) and implement :meth:`init` and :meth:`step` on flat ``(B, n)`` iterates.
+
+    Args:
+        max_iter: Most evaluations of ``f`` per sample.
+        atol: Absolute tolerance on the residual norm.
+        rtol: Tolerance relative to :math:`\|f(z)\|`.
+        on_max_iter: What to do when samples end without converging (status ``MAX_ITER``,
+            ``DIVERGED`` or ``BREAKDOWN``): ``"ignore"`` (only recorded in the result),
+            ``"warn"`` (:class:`~implicitlayers.ConvergenceWarning`) or ``"raise"``
+            (:class:`~implicitlayers.ConvergenceError`).
+        on_nonfinite: The same choice for samples where ``f`` returned NaN or Inf.
+        divergence_ratio: A sample is stopped as ``DIVERGED`` once its residual exceeds this
+            multiple of its first residual; ``None`` disables the check.
+        check_every: Check whether every sample has stopped (a host synchronisation on CUDA)
+            only every this many iterations. Per-sample freezing stays exact; at most
+            ``check_every - 1`` evaluations are spent after the last sample converged.
+        trace: Record every iteration's residuals in ``SolverResult.trace``.
+    """
+
+    max_iter: int = 50
+    atol: float = 1e-6
+    rtol: float = 1e-4
+    on_max_iter: Policy = "ignore"
+    on_nonfinite: Policy = "raise"
+    divergence_ratio: float | None = 1e4
+    check_every: int = 1
+    trace: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("max_iter", self.max_iter, minimum=1)
+        check_float("atol", self.atol, low=0.0)
+        check_float("rtol", self.rtol, low=0.0)
+        if self.atol == 0 and self.rtol == 0:
+            raise ValueError(
+                "atol and rtol are both 0, so no iterate can converge in floating point; "
+                "make at least one positive (e.g. rtol=1e-4)"
+            )
+        check_choice("on_max_iter", self.on_max_iter, _POLICIES)
+        check_choice("on_nonfinite", self.on_nonfinite, _POLICIES)
+        if self.divergence_ratio is not None:
+            check_float("divergence_ratio", self.divergence_ratio, low=1.0, low_open=True)
+        check_int("check_every", self.check_every, minimum=1)
+        if not isinstance(self.trace, bool):
+            raise TypeError(f"trace must be a bool, got {self.trace!r}")
+
+    def __repr__(self) -> str:
+        return compact_repr(self)
+
+    @abc.abstractmethod
+    def init(self, z: Tensor) -> SolverState:
+        """Create the solver's memory for the flat initial iterate ``z`` of shape ``(B, n)``.
+
+        Every tensor in the returned dict must have the batch as its leading dimension.
+        """
+
+    @abc.abstractmethod
+    def step(self, state: SolverState, z: Tensor, fz: Tensor) -> tuple[Tensor, SolverState, Tensor]:
+        """Propose the next iterate.
+
+        Args:
+            state: The memory returned by :meth:`init` or the previous :meth:`step`.
+            z: ``(B, n)`` current iterate.
+            fz: ``(B, n)`` value of ``f(z)``.
+
+        Returns:
+            ``(z_next, state, breakdown)``: the next iterate, the updated memory, and a
+            ``(B,)`` bool tensor marking samples whose internal system broke down this step
+            (their memory should already be restarted).
+        """

@@ -1,0 +1,108 @@
+"""Limited-memory Broyden's method on the residual g(z) = f(z) - z."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._validate import check_int
+from ._base import AbstractSolver, SolverState
+
+__all__ = ["Broyden"]
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class Broyden(AbstractSolver):
+    r"""Broyden's ("good") quasi-Newton method, limited memory, on :math:`g(z) = f(z) - z`.
+
+    The inverse Jacobian of :math:`g` is approximated by a low-rank update of
+    :math:`-I` (the Picard step), :math:`H_k = -I + \sum_{i} u_i v_i^\top`, and
+
+    .. math::
+
+        z_{k+1} = z_k - H_k\, g(z_k), \qquad
+        H_{k+1} = H_k + \frac{(\Delta z - H_k \Delta g)\, \Delta z^\top H_k}
+                             {\Delta z^\top H_k \Delta g},
+
+    with :math:`\Delta z = z_{k+1} - z_k`, :math:`\Delta g = g(z_{k+1}) - g(z_k)`
+    (Sherman-Morrison form). At most ``memory`` pairs :math:`(u_i, v_i)` are kept, the oldest
+    overwritten first, so memory is two ``(B, memory, n)`` buffers whatever ``max_iter`` is.
+    A vanishing denominator restarts the sample's memory (reported as ``Status.BREAKDOWN`` if
+    the sample then ends unconverged). Also takes the shared options of
+    :class:`~implicitlayers.solvers.AbstractSolver`.
+
+    Args:
+        memory: Most rank-one updates stored per sample.
+
+    Example:
+        >>> import torch, implicitlayers as il
+        >>> r = il.fixed_point(lambda z: torch.cos(z), torch.zeros(1, 1),
+        ...                    solver=il.Broyden(rtol=1e-6))
+        >>> round(r.z.item(), 4)  # the Dottie number
+        0.7391
+    """
+
+    memory: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("memory", self.memory, minimum=1)
+
+    def init(self, z: Tensor) -> SolverState:
+        batch, n = z.shape
+        return {
+            "U": z.new_zeros(batch, self.memory, n),
+            "V": z.new_zeros(batch, self.memory, n),
+            "count": torch.zeros(batch, dtype=torch.long, device=z.device),
+            "z_prev": torch.zeros_like(z),
+            "g_prev": torch.zeros_like(z),
+            "has_prev": torch.zeros(batch, dtype=torch.bool, device=z.device),
+        }
+
+    def step(self, state: SolverState, z: Tensor, fz: Tensor) -> tuple[Tensor, SolverState, Tensor]:
+        U, V, count = state["U"], state["V"], state["count"]
+        has_prev = state["has_prev"]
+        batch, m = U.shape[0], self.memory
+        rows = torch.arange(batch, device=z.device)
+        g = fz - z
+        valid = torch.arange(m, device=z.device)[None, :] < count.clamp(max=m)[:, None]
+        dz = z - state["z_prev"]
+        dg = g - state["g_prev"]
+        v = _rmatvec(U, V, valid, dz)
+        denom = (v * dg).sum(dim=1)
+        u = (dz - _matvec(U, V, valid, dg)) / denom[:, None]
+        size = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
+        tiny = torch.finfo(z.dtype).eps * size
+        ok = torch.isfinite(u).all(dim=1) & (denom.abs() > tiny)
+        breakdown = has_prev & ~ok
+        write = has_prev & ok
+        slot = count % m
+        U[rows, slot] = torch.where(write[:, None], u, U[rows, slot])
+        V[rows, slot] = torch.where(write[:, None], v, V[rows, slot])
+        count = torch.where(write, count + 1, count)
+        count = torch.where(breakdown, 0, count)
+        valid = torch.arange(m, device=z.device)[None, :] < count.clamp(max=m)[:, None]
+        z_next = z - _matvec(U, V, valid, g)
+        new_state = {
+            "U": U,
+            "V": V,
+            "count": count,
+            "z_prev": z.clone(),
+            "g_prev": g,
+            "has_prev": torch.ones_like(has_prev),
+        }
+        return z_next, new_state, breakdown
+
+
+def _matvec(U: Tensor, V: Tensor, valid: Tensor, x: Tensor) -> Tensor:
+    """:math:`H x = -x + \\sum_i u_i (v_i^\\top x)` over the valid updates."""
+    coeff = torch.bmm(V, x[:, :, None]).squeeze(2) * valid
+    return -x + torch.bmm(coeff[:, None, :], U).squeeze(1)
+
+
+def _rmatvec(U: Tensor, V: Tensor, valid: Tensor, x: Tensor) -> Tensor:
+    """:math:`H^\\top x = -x + \\sum_i v_i (u_i^\\top x)` over the valid updates."""
+    coeff = torch.bmm(U, x[:, :, None]).squeeze(2) * valid
+    return -x + torch.bmm(coeff[:, None, :], V).squeeze(1)
