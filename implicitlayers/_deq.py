@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _tree
+from ._errors import ConvergenceError
 from ._fixed_point import check_structure, fixed_point
 from ._lookup import as_backward, as_solver
 from ._result import SolverResult
@@ -108,6 +109,7 @@ class DEQ(nn.Module):
         Returns:
             ``DEQOutput(z, result)``.
         """
+        default_z0 = z0 is None
         if z0 is None:
             if not inputs or not isinstance(inputs[0], Tensor):
                 raise TypeError(
@@ -115,9 +117,18 @@ class DEQ(nn.Module):
                 )
             z0 = torch.zeros_like(inputs[0])
         solver_ = self.solver if solver is None else as_solver(solver)
-        result = fixed_point(
-            self.f, z0, *inputs, solver=solver_, independent_samples=self.independent_samples
-        )
+        try:
+            result = fixed_point(
+                self.f, z0, *inputs, solver=solver_, independent_samples=self.independent_samples
+            )
+        except RuntimeError as err:
+            if not default_z0 or isinstance(err, ConvergenceError):
+                raise
+            raise ValueError(
+                f"f failed on the default z0 = zeros_like(inputs[0]) of shape "
+                f"{tuple(z0.shape)}: {err}. If the state's shape differs from the first "
+                "input's, pass z0 with the state's shape: deq(*inputs, z0=...)."
+            ) from err
         if not (torch.is_grad_enabled() and self._needs_grad(inputs)):
             return DEQOutput(result.z, result)
         spec = _tree.spec_of(z0)

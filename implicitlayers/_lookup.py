@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backward import AbstractBackward, ImplicitDifferentiation, JFB, Neumann
+from .backward import JFB, AbstractBackward, ImplicitDifferentiation, Neumann
 from .solvers import AbstractSolver, Anderson, Broyden, Picard
 
 SOLVERS: dict[str, type[AbstractSolver]] = {
@@ -21,12 +21,14 @@ BACKWARDS: dict[str, type[AbstractBackward]] = {
 
 def as_solver(solver: Any, argument: str = "solver") -> AbstractSolver:
     """Return ``solver`` itself, or the default-configured solver it names."""
-    return _lookup(solver, argument, SOLVERS, AbstractSolver)
+    found: AbstractSolver = _lookup(solver, argument, SOLVERS, AbstractSolver)
+    return found
 
 
 def as_backward(backward: Any, argument: str = "backward") -> AbstractBackward:
     """Return ``backward`` itself, or the default-configured rule it names."""
-    return _lookup(backward, argument, BACKWARDS, AbstractBackward)
+    found: AbstractBackward = _lookup(backward, argument, BACKWARDS, AbstractBackward)
+    return found
 
 
 def _lookup(value: Any, argument: str, table: dict[str, Any], base: type) -> Any:

@@ -34,7 +34,8 @@ class TreeSpec:
         if self.kind == "tensor":
             return "(" + ", ".join(["B", *map(str, self.shape)]) + ")"
         if self.kind == "dict":
-            inner = ", ".join(f"{k!r}: {c.describe()}" for k, c in zip(self.keys, self.children))
+            pairs = zip(self.keys, self.children, strict=True)
+            inner = ", ".join(f"{k!r}: {c.describe()}" for k, c in pairs)
             return "{" + inner + "}"
         return f"{self.kind}[" + ", ".join(c.describe() for c in self.children) + "]"
 
@@ -74,10 +75,12 @@ def spec_of(tree: Any) -> TreeSpec:
 
 def flatten(tree: Any) -> Tensor:
     """Concatenate every leaf, reshaped to ``(B, -1)``, into one ``(B, n)`` tensor."""
-    parts = leaves(tree)
-    if len(parts) == 1:
-        return parts[0].reshape(parts[0].shape[0], -1)
-    return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+    parts = [p.reshape(p.shape[0], _numel(p)) for p in leaves(tree)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _numel(p: Tensor) -> int:
+    return int(torch.Size(p.shape[1:]).numel())
 
 
 def unflatten(flat: Tensor, spec: TreeSpec) -> Any:
@@ -95,7 +98,7 @@ def _unflatten(flat: Tensor, spec: TreeSpec, start: int) -> tuple[Any, int]:
         item, start = _unflatten(flat, child, start)
         items.append(item)
     if spec.kind == "dict":
-        return dict(zip(spec.keys, items)), start
+        return dict(zip(spec.keys, items, strict=False)), start
     if spec.kind == "tuple":
         return tuple(items), start
     return items, start

@@ -12,7 +12,7 @@ from torch import Tensor
 from .._repr import compact_repr
 from .._result import SolverResult
 
-__all__ = ["AbstractBackward", "VJP"]
+__all__ = ["VJP", "AbstractBackward"]
 
 #: ``vjp(v)`` returns :math:`v^\top \partial f / \partial z` at the fixed point, flat ``(B, n)``.
 VJP = Callable[[Tensor], Tensor]
@@ -83,9 +83,9 @@ class AbstractBackward(abc.ABC):
 
             solving = False  # the VJPs below reach this hook again; let them pass through
 
-            def hook(grad: Tensor) -> Tensor:
+            def hook(grad: Tensor | None) -> Tensor | None:
                 nonlocal solving
-                if solving:
+                if solving or grad is None:  # None: an undefined gradient, nothing to map
                     return grad
                 solving = True
                 try:
@@ -96,6 +96,6 @@ class AbstractBackward(abc.ABC):
                     on_result(result)
                 return u.to(grad.dtype)
 
-            fz.register_hook(hook)
+            fz.register_hook(hook)  # type: ignore[no-untyped-call]
         # Exactly z_star in value; the gradient flows through the one application of f.
         return z_star.detach().to(fz.dtype) + (fz - fz.detach())

@@ -27,8 +27,10 @@ class Broyden(AbstractSolver):
                              {\Delta z^\top H_k \Delta g},
 
     with :math:`\Delta z = z_{k+1} - z_k`, :math:`\Delta g = g(z_{k+1}) - g(z_k)`
-    (Sherman-Morrison form). At most ``memory`` pairs :math:`(u_i, v_i)` are kept, the oldest
-    overwritten first, so memory is two ``(B, memory, n)`` buffers whatever ``max_iter`` is.
+    (Sherman-Morrison form). At most ``memory`` pairs :math:`(u_i, v_i)` are kept,
+    so memory is two ``(B, memory, n)`` buffers whatever ``max_iter`` is; when it is full the
+    approximation restarts from :math:`-I` (overwriting the oldest update instead breaks the
+    secant conditions of the newer ones and can diverge).
     A vanishing denominator restarts the sample's memory (reported as ``Status.BREAKDOWN`` if
     the sample then ends unconverged). Also takes the shared options of
     :class:`~implicitlayers.solvers.AbstractSolver`.
@@ -78,11 +80,13 @@ class Broyden(AbstractSolver):
         ok = torch.isfinite(u).all(dim=1) & (denom.abs() > tiny)
         breakdown = has_prev & ~ok
         write = has_prev & ok
-        slot = count % m
+        # A full memory restarts from H = -I: overwriting the oldest update instead breaks the
+        # secant conditions the newer updates rely on and can make the iteration diverge.
+        count = torch.where(breakdown | (write & (count >= m)), 0, count)
+        slot = count.clamp(max=m - 1)
         U[rows, slot] = torch.where(write[:, None], u, U[rows, slot])
         V[rows, slot] = torch.where(write[:, None], v, V[rows, slot])
         count = torch.where(write, count + 1, count)
-        count = torch.where(breakdown, 0, count)
         valid = torch.arange(m, device=z.device)[None, :] < count.clamp(max=m)[:, None]
         z_next = z - _matvec(U, V, valid, g)
         new_state = {

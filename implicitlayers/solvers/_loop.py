@@ -66,7 +66,9 @@ def run_loop(
         n_f_evals += 1
         res = torch.linalg.vector_norm(fz - z, dim=1)
         finite = torch.isfinite(res)
-        converged = finite & (res <= solver.atol + solver.rtol * torch.linalg.vector_norm(fz, dim=1))
+        converged = finite & (
+            res <= solver.atol + solver.rtol * torch.linalg.vector_norm(fz, dim=1)
+        )
         if k == 0:
             first_res = torch.where(finite, res, first_res)
         stop = ~finite | converged

@@ -1,0 +1,144 @@
+"""Failure statuses, policies and clear errors for bad input."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from zoo import TanhCell
+
+import implicitlayers as il
+
+
+def test_non_contractive_map_diverges():
+    result = il.fixed_point(lambda z: 2 * z + 1, torch.zeros(3, 2), solver=il.Picard(max_iter=100))
+    assert (result.status == il.Status.DIVERGED).all()
+    assert result.n_f_evals < 30  # stopped early, not at max_iter
+    assert torch.isfinite(result.z).all()
+
+
+def test_nan_map_raises_with_result_by_default():
+    def f(z, x):
+        return torch.where(x > 0, float("nan"), 0.5 * z + x)
+
+    x = torch.tensor([[1.0], [-1.0]])
+    with pytest.raises(il.ConvergenceError, match="NaN") as info:
+        il.fixed_point(f, torch.zeros(2, 1), x, solver=il.Picard())
+    result = info.value.result
+    assert result.statuses() == [il.Status.NONFINITE, il.Status.SUCCESS]
+    assert torch.isfinite(result.z).all()  # best finite iterate, never silent NaN
+    ignored = il.fixed_point(f, torch.zeros(2, 1), x, solver=il.Picard(on_nonfinite="ignore"))
+    assert ignored.status.tolist() == [il.Status.NONFINITE, il.Status.SUCCESS]
+
+
+def test_nan_input_is_reported():
+    x = torch.tensor([[float("inf")], [1.0]])
+    with pytest.raises(il.ConvergenceError, match=r"samples 0\)"):
+        il.DEQ(lambda z, x: 0.5 * z + x)(x)
+
+
+def test_small_budget_is_max_iter_and_policies_apply():
+    f = TanhCell()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    z0 = torch.zeros(3, 5, dtype=torch.float64)
+    result = il.fixed_point(f, z0, x, solver=il.Picard(max_iter=2))
+    assert (result.status == il.Status.MAX_ITER).all() and (result.n_steps == 2).all()
+    with pytest.warns(il.ConvergenceWarning, match="MAX_ITER"):
+        il.fixed_point(f, z0, x, solver=il.Picard(max_iter=2, on_max_iter="warn"))
+    with pytest.raises(il.ConvergenceError) as info:
+        il.fixed_point(f, z0, x, solver=il.Picard(max_iter=2, on_max_iter="raise"))
+    assert info.value.result.n_f_evals == 2
+
+
+def test_anderson_breakdown_is_reported_not_raised():
+    # f(z) = z + 1 has no fixed point; all residuals are equal, so Anderson's system is singular.
+    solver = il.Anderson(max_iter=20, regularization=0.0, divergence_ratio=None)
+    result = il.fixed_point(lambda z: z + 1, torch.zeros(2, 3), solver=solver)
+    assert (result.status == il.Status.BREAKDOWN).all()
+    assert "regularization" in il.Status.BREAKDOWN.message
+    assert "BREAKDOWN" in result.summary()
+
+
+def test_broyden_breakdown_restarts_and_still_converges():
+    # Piecewise map that stalls Broyden's secant (zero step in one coordinate).
+    f = lambda z: torch.stack([0.5 * z[:, 0] + 1, torch.zeros_like(z[:, 1])], 1)  # noqa: E731
+    result = il.fixed_point(f, torch.zeros(2, 2), solver=il.Broyden(rtol=1e-6))
+    assert result.converged.all()
+    torch.testing.assert_close(result.z[:, 0], torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: il.Picard(max_iter=0), ValueError, "max_iter must be >= 1, got 0"),
+        (lambda: il.Picard(max_iter=2.5), TypeError, "max_iter must be an int"),
+        (lambda: il.Anderson(atol=-1.0), ValueError, "atol"),
+        (lambda: il.Anderson(rtol=float("nan")), ValueError, "rtol must be finite"),
+        (lambda: il.Anderson(atol=0.0, rtol=0.0), ValueError, "at least one positive"),
+        (lambda: il.Anderson(history_size=0), ValueError, "history_size"),
+        (lambda: il.Anderson(mixing=0.0), ValueError, "mixing"),
+        (lambda: il.Anderson(regularization=-1e-3), ValueError, "regularization"),
+        (lambda: il.Picard(damping=1.0), ValueError, "damping"),
+        (lambda: il.Broyden(memory=0), ValueError, "memory"),
+        (lambda: il.Picard(on_max_iter="loud"), ValueError, "'ignore', 'warn', 'raise'"),
+        (lambda: il.Picard(divergence_ratio=1.0), ValueError, "divergence_ratio"),
+        (lambda: il.Picard(check_every=0), ValueError, "check_every"),
+        (lambda: il.Neumann(terms=-1), ValueError, "terms must be >= 0, got -1"),
+        (lambda: il.Anderson(stop_mode="rel"), TypeError, "stop_mode"),
+        (lambda: il.Anderson(50), TypeError, "positional"),
+        (lambda: il.DEQ(TanhCell(), solver="andersen"), ValueError, "'picard', 'anderson'"),
+        (lambda: il.DEQ(TanhCell(), backward="exact"), ValueError, "'jfb', 'neumann'"),
+        (lambda: il.DEQ(TanhCell(), backward=il.JFB), TypeError, "write JFB()"),
+        (lambda: il.DEQ(TanhCell(), solver=3), TypeError, "solver must be"),
+        (lambda: il.DEQ(TanhCell(), tol=1e-3), TypeError, "tol"),
+        (lambda: il.DEQ(42), TypeError, "callable"),
+        (lambda: il.ImplicitDifferentiation(solver="newton"), ValueError, "'broyden'"),
+    ],
+)
+def test_bad_configuration_is_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_shape_mismatch_names_both_shapes_and_the_fix():
+    f = lambda z, x: torch.cat([z, z], dim=1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"\(B, 6\).*\(B, 3\).*z0"):
+        il.fixed_point(f, torch.zeros(2, 3), torch.zeros(2, 3))
+    lin = torch.nn.Linear(3, 5)
+    with pytest.raises(ValueError, match=r"default z0.*\(2, 3\).*pass z0"):
+        il.DEQ(lambda z, x: torch.tanh(z @ torch.eye(5) + lin(x)))(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"(?i)pass z0"):
+        il.DEQ(lambda z, x: torch.tanh(lin(x)))(torch.zeros(2, 3))
+
+
+def test_bad_states_are_rejected():
+    with pytest.raises(TypeError, match="floating-point"):
+        il.fixed_point(lambda z: z, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch dimension"):
+        il.fixed_point(lambda z: z, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="batch size"):
+        il.fixed_point(lambda z: z, (torch.zeros(2, 3), torch.zeros(3, 3)))
+    with pytest.raises(ValueError, match="dtype and device"):
+        il.fixed_point(lambda z: z, (torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)))
+    with pytest.raises(TypeError, match="callable"):
+        il.fixed_point(None, torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="z0"):
+        il.DEQ(lambda z, s: z)("not a tensor")
+
+
+def test_hyperparameter_objects_compare_print_and_pickle():
+    a = il.Anderson(max_iter=20, history_size=3)
+    assert a == il.Anderson(max_iter=20, history_size=3) != il.Anderson()
+    assert repr(a) == "Anderson(max_iter=20, history_size=3)"
+    for obj in (
+        a,
+        il.Picard(damping=0.5),
+        il.Broyden(memory=3),
+        il.JFB(),
+        il.Neumann(terms=2),
+        il.ImplicitDifferentiation(solver=il.Broyden(rtol=1e-6)),
+    ):
+        assert pickle.loads(pickle.dumps(obj)) == obj
+    with pytest.raises(AttributeError):
+        a.max_iter = 3  # type: ignore[misc]

@@ -1,0 +1,212 @@
+"""Forward solvers: tolerance, closed-form fixed points, acceleration, hyperparameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from zoo import Affine, ConvCell, TanhCell, scaled_map
+
+import implicitlayers as il
+
+SOLVERS = [
+    il.Picard(max_iter=500, atol=0.0, rtol=1e-10),
+    il.Anderson(max_iter=200, atol=0.0, rtol=1e-10),
+    il.Broyden(max_iter=200, atol=0.0, rtol=1e-10),
+]
+IDS = ["picard", "anderson", "broyden"]
+
+
+def true_residual(f, z, *inputs):
+    return torch.linalg.vector_norm((f(z, *inputs) - z).flatten(1), dim=1)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_affine_fixed_point_matches_closed_form(solver):
+    problem = Affine.make()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    result = il.fixed_point(problem, torch.zeros(4, 6, dtype=torch.float64), x, solver=solver)
+    assert result.converged.all()
+    torch.testing.assert_close(result.z, problem.solution(x), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+@pytest.mark.parametrize("make", [TanhCell, ConvCell], ids=["tanh", "conv"])
+def test_success_means_residual_within_tolerance(solver, make):
+    cell = make().double() if make is ConvCell else make()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64) if make is ConvCell else torch.randn(5, 3)
+    x = x.double()
+    solver = dataclasses.replace(solver, atol=1e-9, rtol=1e-7)
+    with torch.no_grad():
+        result = il.fixed_point(
+            cell,
+            torch.zeros_like(x) if make is ConvCell else torch.zeros(5, 5, dtype=torch.float64),
+            x,
+            solver=solver,
+        )
+        residual = true_residual(cell, result.z, x)
+        scale = torch.linalg.vector_norm(cell(result.z, x).flatten(1), dim=1)
+    assert result.converged.all()
+    # The reported residual is the true residual of the returned iterate.
+    torch.testing.assert_close(result.residual, residual, rtol=1e-9, atol=1e-15)
+    assert (residual <= solver.atol + solver.rtol * scale).all()
+
+
+def test_accelerated_solvers_need_far_fewer_evaluations_at_contraction_095():
+    problem = Affine.make(n=32, d=4, contraction=0.95, symmetric=True, seed=1)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    z0 = torch.zeros(8, 32, dtype=torch.float64)
+    evals = {}
+    for name, cls in (("picard", il.Picard), ("anderson", il.Anderson), ("broyden", il.Broyden)):
+        result = il.fixed_point(problem, z0, x, solver=cls(max_iter=1000, atol=0.0, rtol=1e-6))
+        assert result.converged.all(), name
+        evals[name] = result.n_f_evals
+    assert evals["picard"] > 150  # 0.95^k < 1e-6 needs ~270 steps
+    assert evals["anderson"] <= 0.25 * evals["picard"]
+    assert evals["broyden"] <= 0.4 * evals["picard"]
+
+
+def test_scale_aware_regularisation_beats_a_fixed_ridge():
+    # torchdeq's Anderson adds a fixed 1e-4 to G G^T; once residuals are small that ridge swamps
+    # the system. Ours scales with diag(G G^T) and keeps its acceleration to tight tolerances.
+    problem = Affine.make(n=32, d=4, contraction=0.95, symmetric=True, seed=1)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    z0 = torch.zeros(8, 32, dtype=torch.float64)
+    ours = il.fixed_point(problem, z0, x, solver=il.Anderson(max_iter=1000, atol=0, rtol=1e-8))
+    picard = il.fixed_point(problem, z0, x, solver=il.Picard(max_iter=1000, atol=0, rtol=1e-8))
+    assert ours.converged.all() and picard.converged.all()
+    assert ours.n_f_evals < 0.3 * picard.n_f_evals
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_batch_solves_like_each_sample_alone(solver):
+    problem = Affine.make(n=8, d=3, contraction=0.9, symmetric=True)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    batch = il.fixed_point(problem, torch.zeros(5, 8, dtype=torch.float64), x, solver=solver)
+    for i in range(5):
+        alone = il.fixed_point(
+            problem, torch.zeros(1, 8, dtype=torch.float64), x[i : i + 1], solver=solver
+        )
+        assert int(alone.n_steps[0]) == int(batch.n_steps[i])
+        torch.testing.assert_close(alone.z[0], batch.z[i], atol=1e-12, rtol=0)
+
+
+def test_converged_samples_are_frozen():
+    rates = torch.tensor([0.1, 0.9], dtype=torch.float64)
+    target = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    f = scaled_map(rates, target)
+    solver = il.Picard(max_iter=500, atol=0.0, rtol=1e-8)
+    result = il.fixed_point(f, torch.zeros(2, 2, dtype=torch.float64), solver=solver)
+    fast_steps = int(result.n_steps[0])
+    assert fast_steps < int(result.n_steps[1])
+    # Sample 0 stopped changing at its convergence: a solve capped there gives the same value.
+    capped = il.fixed_point(
+        f,
+        torch.zeros(2, 2, dtype=torch.float64),
+        solver=dataclasses.replace(solver, max_iter=fast_steps),
+    )
+    assert torch.equal(capped.z[0], result.z[0])
+
+
+@pytest.mark.parametrize("cls", [il.Picard, il.Anderson, il.Broyden], ids=IDS)
+def test_independent_samples_costs_the_sum_of_iterations(cls):
+    rates = torch.tensor([0.1, 0.5, 0.9, 0.97], dtype=torch.float64)
+    target = torch.randn(4, 3, dtype=torch.float64)
+    rows = []
+
+    def f(z, r, tgt):  # per-sample contraction r towards tgt; every input batched
+        rows.append(z.shape[0])
+        return torch.tanh(tgt + r[:, None] * (z - tgt))
+
+    solver = cls(max_iter=1000, atol=0.0, rtol=1e-8)
+    z0 = torch.zeros(4, 3, dtype=torch.float64)
+    dense = il.fixed_point(f, z0, rates, target, solver=solver)
+    rows.clear()
+    sparse = il.fixed_point(f, z0, rates, target, solver=solver, independent_samples=True)
+    assert sparse.converged.all() and dense.converged.all()
+    torch.testing.assert_close(sparse.z, dense.z, atol=1e-12, rtol=0)
+    assert torch.equal(sparse.n_steps, dense.n_steps)
+    assert sum(rows) == int(sparse.n_steps.sum())  # each sample evaluated only while running
+    assert len(set(dense.n_steps.tolist())) > 1  # ... and they needed different budgets
+    assert sum(rows) < 4 * dense.n_f_evals
+
+
+def test_states_may_be_tuples_and_dicts():
+    def f(z, x):
+        a, b = z["a"], z["b"]
+        return {"a": 0.5 * b + x, "b": (0.25 * a[:, :2],)[0].repeat(1, 1)}
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    z0 = {"a": torch.zeros(3, 2, dtype=torch.float64), "b": torch.zeros(3, 2, dtype=torch.float64)}
+    result = il.fixed_point(f, z0, x, solver=il.Anderson(atol=0, rtol=1e-12, max_iter=100))
+    # a = 0.5 b + x, b = 0.25 a  =>  a = x / (1 - 0.125)
+    torch.testing.assert_close(result.z["a"], x / 0.875)
+    torch.testing.assert_close(result.z["b"], 0.25 * x / 0.875)
+
+    def g(z, x):
+        return (0.5 * z[0] + x, z[0])  # second part should be (B, 3, 2)
+
+    z0t = (torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="returned shape"):
+        il.fixed_point(g, z0t, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls", [il.Picard, il.Anderson, il.Broyden], ids=IDS)
+def test_dtype_is_preserved(dtype, cls):
+    lin = torch.nn.Linear(4, 4).to(dtype)
+    with torch.no_grad():
+        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, 2))
+    x = torch.randn(2, 4, dtype=dtype)
+    result = il.fixed_point(
+        lambda z, x: lin(z) + x, torch.zeros(2, 4, dtype=dtype), x, solver=cls(rtol=1e-4)
+    )
+    assert result.z.dtype == dtype and result.residual.dtype == dtype
+    assert result.converged.all()
+
+
+def test_trace_records_every_iteration():
+    solver = il.Picard(max_iter=30, atol=0.0, rtol=1e-6, trace=True)
+    f = scaled_map(torch.tensor([0.5, 0.5]), torch.ones(2, 3))
+    result = il.fixed_point(f, torch.zeros(2, 3), solver=solver)
+    assert result.trace is not None and result.trace.shape == (result.n_f_evals, 2)
+    ratios = result.trace[1:, 0] / result.trace[:-1, 0]
+    torch.testing.assert_close(ratios, torch.full_like(ratios, 0.5))
+    assert il.fixed_point(f, torch.zeros(2, 3), solver=il.Picard()).trace is None
+
+
+def test_check_every_delays_only_the_exit():
+    f = scaled_map(
+        torch.tensor([0.3, 0.6], dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+    )
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
+    every = il.fixed_point(f, z0, solver=il.Anderson(atol=0, rtol=1e-9, max_iter=100))
+    lazy = il.fixed_point(f, z0, solver=il.Anderson(atol=0, rtol=1e-9, max_iter=100, check_every=7))
+    assert torch.equal(lazy.n_steps, every.n_steps)
+    assert torch.equal(lazy.z, every.z)
+    assert lazy.n_f_evals % 7 == 0 and lazy.n_f_evals >= every.n_f_evals
+
+
+def test_empty_batch():
+    result = il.fixed_point(lambda z: 0.5 * z, torch.zeros(0, 3))
+    assert result.z.shape == (0, 3) and result.n_f_evals == 0 and result.status.shape == (0,)
+
+
+def test_autocast_bookkeeping_stays_float32():
+    lin = torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, 2))
+    x = torch.randn(4, 16)
+    seen = []
+
+    def f(z, x):
+        out = lin(z)
+        seen.append(out.dtype)
+        return out + x
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = il.fixed_point(f, torch.zeros(4, 16), x, solver=il.Anderson(rtol=1e-2))
+    assert seen[0] == torch.bfloat16  # f ran under autocast
+    assert result.z.dtype == torch.float32 and result.residual.dtype == torch.float32
+    assert result.converged.all()
