@@ -24,7 +24,7 @@ print(f"wheel contents ok: {len(names)} files, py.typed included")
 PYEOF
 
 python3 -m venv "$OUT/venv"
-"$OUT/venv/bin/python" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+"$OUT/venv/bin/python" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
 "$OUT/venv/bin/python" -m pip install -q "$wheel" 2>&1 | grep -v "^WARNING: Location" || true
 cd "$OUT"  # away from the source tree, so the installed wheel is what imports
 "$OUT/venv/bin/python" - "$OLDPWD/README.md" <<'PYEOF'
