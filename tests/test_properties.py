@@ -154,3 +154,34 @@ def test_divergence_ratio_and_on_nonfinite_change_behaviour():
         il.fixed_point(nan, torch.ones(1, 1), solver=il.Picard(on_nonfinite="ignore")).status[0]
         == 2
     )
+
+
+JUNK = st.one_of(
+    st.none(),
+    st.text(max_size=3),
+    st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-5, 0),
+    st.lists(st.integers(), max_size=2),
+)
+FIELDS = {
+    il.Picard: ["max_iter", "atol", "rtol", "damping", "check_every", "on_max_iter"],
+    il.Anderson: ["history_size", "mixing", "regularization", "divergence_ratio", "on_nonfinite"],
+    il.Broyden: ["memory", "trace"],
+}
+
+
+@FAST
+@given(cls=SOLVER_CLASSES, data=st.data())
+def test_wrong_argument_values_raise_named_errors(cls, data):
+    field = data.draw(st.sampled_from(FIELDS[cls]))
+    value = data.draw(JUNK)
+    try:
+        solver = cls(**{field: value})
+    except (TypeError, ValueError) as err:
+        assert field in str(err)
+        return
+    # Accepted values must be valid ones, e.g. atol=0.0, divergence_ratio=None, trace=False.
+    assert getattr(solver, field) == value
+    assert value is None or isinstance(value, (int, float, str, bool))
+    il.fixed_point(lambda z: 0.5 * z, torch.ones(1, 2), solver=solver)
