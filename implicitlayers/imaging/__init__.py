@@ -1,0 +1,55 @@
+r"""Imaging: the DE-GRAD deblurring domain (Gilton, Ongie & Willett, 2021).
+
+Forward operators with exact adjoints (:class:`GaussianBlur`), the DE-GRAD cell
+:math:`T(x; d) = x - \eta (A^\top (A x - d) + R_\theta(x))` (:class:`DEGRADCell`), DnCNN
+regularisers (:class:`DnCNN`, and the provably contractive :class:`ContractiveDnCNN`),
+batched metrics (:func:`psnr`, :func:`ssim`), Lipschitz tools, and the classical baselines of
+the comparison table (:func:`tikhonov_cg`, :func:`direct_inverse`, :func:`gradient_descent`,
+:func:`tv_deblur`, :func:`pnp_deblur`).
+
+References:
+    Gilton, Ongie & Willett. *Deep Equilibrium Architectures for Inverse Problems in
+    Imaging.* IEEE TCI, 2021 (DE-GRAD).
+    Fung, Heaton, Li, McKenzie, Osher & Yin. *JFB: Jacobian-Free Backpropagation for Implicit
+    Networks.* AAAI, 2022.
+    Zhang, Zuo, Chen, Meng & Zhang. *Beyond a Gaussian Denoiser: Residual Learning of Deep
+    CNN for Image Denoising.* IEEE TIP, 2017 (DnCNN).
+    Wang, Bovik, Sheikh & Simoncelli. *Image Quality Assessment: From Error Visibility to
+    Structural Similarity.* IEEE TIP, 2004 (SSIM).
+    Chambolle & Pock. *A First-Order Primal-Dual Algorithm for Convex Problems with
+    Applications to Imaging.* JMIV, 2011.
+    Sedghi, Gupta & Long. *The Singular Values of Convolutional Layers.* ICLR, 2019.
+"""
+
+from ._baselines import direct_inverse, gradient_descent, operator_norm, pnp_deblur, tv_deblur
+from ._cg import conjugate_gradient, tikhonov_cg
+from ._degrad import DEGRADCell
+from ._dncnn import ContractiveDnCNN, DnCNN, NormalizedConv2d
+from ._lipschitz import circular_conv_norm, estimate_lipschitz
+from ._metrics import psnr, psnr_paper, psnr_standard, ssim, ssim_standard
+from ._operators import GaussianBlur, LinearOperator, add_noise, gaussian_kernel
+
+__all__ = [
+    "ContractiveDnCNN",
+    "DEGRADCell",
+    "DnCNN",
+    "GaussianBlur",
+    "LinearOperator",
+    "NormalizedConv2d",
+    "add_noise",
+    "circular_conv_norm",
+    "conjugate_gradient",
+    "direct_inverse",
+    "estimate_lipschitz",
+    "gaussian_kernel",
+    "gradient_descent",
+    "operator_norm",
+    "pnp_deblur",
+    "psnr",
+    "psnr_paper",
+    "psnr_standard",
+    "ssim",
+    "ssim_standard",
+    "tikhonov_cg",
+    "tv_deblur",
+]

@@ -1,0 +1,399 @@
+r"""DnCNN regularisers: the practical one (Zhang et al., 2017) and a provably contractive one."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+from .._validate import check_float, check_int
+from ._lipschitz import circular_conv_norm
+from ._operators import _check_kernel_size
+
+__all__ = ["ContractiveDnCNN", "DnCNN", "NormalizedConv2d"]
+
+
+def _check_depth_width(channels: int, depth: int, width: int) -> None:
+    check_int("channels", channels, minimum=1)
+    check_int("depth", depth, minimum=2)
+    check_int("width", width, minimum=1)
+
+
+class DnCNN(nn.Module):
+    r"""DnCNN (Zhang et al., 2017): the regulariser :math:`R_\theta` of DE-GRAD.
+
+    .. math::
+
+        R_\theta = W_L \circ \big(\circ_{l=2}^{L-1}\, \mathrm{ReLU} \circ \mathrm{BN}_l \circ W_l
+        \big) \circ \mathrm{ReLU} \circ W_1,
+
+    with :math:`L` = ``depth`` stride-1 zero-padded convolutions :math:`W_l`. There is no final
+    residual connection: the caller decides (DE-GRAD uses the output as the regulariser's
+    gradient; ``DEGRADCell(..., residual_regularizer=True)`` uses ``x - D(x)``).
+
+    With ``spectral_norm=True`` every convolution gets torch's
+    :func:`~torch.nn.utils.parametrizations.spectral_norm` parametrization, as in Gilton et al.
+    and the JFB experiments. It normalises the ``(C_out, C_in K^2)`` reshaped weight, which can
+    under-estimate the convolution's operator norm by up to a factor :math:`K`, and batch norm
+    is not Lipschitz-controlled at all, so this network has no Lipschitz guarantee; use
+    :class:`ContractiveDnCNN` for one. Note that in training mode torch's spectral norm takes a
+    power-iteration step on every forward, including the ``no_grad`` evaluations inside a
+    fixed-point solve, so the map moves slightly while the solver iterates (harmless in
+    practice, but call ``.eval()`` for exact solves).
+
+    Args:
+        channels: Image channels :math:`C` (input and output).
+        depth: Number of convolutions :math:`L \ge 2` (17 in the paper).
+        width: Feature channels of the hidden layers.
+        batch_norm: Batch norm after each hidden convolution (those then have no bias).
+        spectral_norm: Spectral-normalise every convolution's weight.
+        kernel_size: Odd convolution size :math:`K`.
+
+    Attributes:
+        layers: The ``nn.Sequential`` of convolutions, batch norms and ReLUs.
+
+    Example:
+        >>> import torch
+        >>> from implicitlayers.imaging import DnCNN
+        >>> net = DnCNN(channels=3, depth=5, width=16)
+        >>> net(torch.randn(2, 3, 16, 16)).shape
+        torch.Size([2, 3, 16, 16])
+    """
+
+    def __init__(
+        self,
+        channels: int = 3,
+        depth: int = 17,
+        width: int = 64,
+        *,
+        batch_norm: bool = True,
+        spectral_norm: bool = True,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        _check_depth_width(channels, depth, width)
+        _check_kernel_size(kernel_size)
+        for name, flag in (("batch_norm", batch_norm), ("spectral_norm", spectral_norm)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        self.channels = channels
+        self.depth = depth
+        self.width = width
+        self.kernel_size = kernel_size
+
+        def conv(c_in: int, c_out: int, bias: bool = True) -> nn.Module:
+            layer = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=bias)
+            return _spectral_norm(layer) if spectral_norm else layer
+
+        layers: list[nn.Module] = [conv(channels, width), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers.append(conv(width, width, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU())
+        layers.append(conv(width, channels))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``."""
+        _check_image(x, self.channels)
+        out: Tensor = self.layers(x)
+        return out
+
+
+class NormalizedConv2d(nn.Module):
+    r"""A zero-padded stride-1 convolution divided by an estimate of its operator norm.
+
+    .. math::
+
+        y = \frac{W}{\hat\sigma} * x + b, \qquad
+        \hat\sigma = \|W \circledast u\|_2, \quad u \leftarrow
+            \frac{W^\top \circledast (W \circledast u)}{\|W^\top \circledast (W \circledast u)\|_2},
+
+    where :math:`u` is a persistent power-iteration vector sized by the input, and
+    :math:`W \circledast` is the convolution with periodic boundaries on the
+    ``(H + K - 1) x (W + K - 1)`` torus (``conv2d`` after circular padding; its adjoint is the
+    correlation with the transposed, flipped kernel). Unlike torch's reshaped-matrix spectral
+    norm, :math:`\hat\sigma` converges (from below) to the norm of the convolution as an
+    operator on images, and the torus is chosen so that this norm bounds the zero-padded
+    convolution's norm on ``H x W`` images (see
+    :func:`~implicitlayers.imaging.circular_conv_norm`).
+
+    The vector is (re)initialised and warmed up by ``warmup_iterations`` steps whenever the
+    input's spatial size changes, and advanced by ``power_iterations`` steps on every
+    training-mode forward that records autograd (never inside a ``no_grad`` fixed-point
+    solve, so the map stays fixed while a solver iterates). Gradients flow through
+    :math:`\hat\sigma`, as in torch's spectral norm.
+
+    Args:
+        in_channels: :math:`C_{in}`.
+        out_channels: :math:`C_{out}`.
+        kernel_size: Odd kernel size :math:`K`.
+        power_iterations: Steps per recorded training forward.
+        warmup_iterations: Steps when the vector is (re)initialised.
+    """
+
+    u: Tensor
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        power_iterations: int = 1,
+        warmup_iterations: int = 100,
+    ) -> None:
+        super().__init__()
+        check_int("power_iterations", power_iterations, minimum=0)
+        check_int("warmup_iterations", warmup_iterations, minimum=1)
+        _check_kernel_size(kernel_size)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.kernel_size = kernel_size
+        self.power_iterations = power_iterations
+        self.warmup_iterations = warmup_iterations
+        self.register_buffer("u", torch.zeros(0))
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The image size ``(H, W)`` the normalisation is calibrated for (``None`` before any
+        input)."""
+        if self.u.dim() != 4:
+            return None
+        extra = self.kernel_size - 1
+        return (int(self.u.shape[-2]) - extra, int(self.u.shape[-1]) - extra)
+
+    def calibrate(self, size: tuple[int, int], iters: int | None = None) -> None:
+        """Size the vector for ``(H, W)`` images and run ``iters`` power steps (no grad;
+        default: the warm-up for a new size, ``power_iterations`` otherwise)."""
+        weight = self.conv.weight
+        with torch.no_grad():
+            if self.input_size != (int(size[0]), int(size[1])):
+                extra = self.kernel_size - 1
+                shape = (1, weight.shape[1], int(size[0]) + extra, int(size[1]) + extra)
+                u = torch.randn(shape, dtype=weight.dtype, device=weight.device)
+                self.u = u / u.norm()
+                iters = self.warmup_iterations if iters is None else iters
+            self._power_step(self.power_iterations if iters is None else iters)
+
+    def sigma(self) -> Tensor:
+        r""":math:`\hat\sigma` for the current vector (differentiable in the weight)."""
+        if self.input_size is None:
+            raise ValueError(
+                "the normalisation is sized by the input: run a forward pass or "
+                "calibrate((H, W)) first"
+            )
+        sigma: Tensor = torch.linalg.vector_norm(self._circular(self.u.clone(), self.conv.weight))
+        return sigma
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        if self.input_size != size:
+            self.calibrate(size)
+        elif self.training and torch.is_grad_enabled() and self.power_iterations > 0:
+            self.calibrate(size, self.power_iterations)
+        weight = self.conv.weight / self.sigma()
+        return F.conv2d(x, weight, self.conv.bias, padding=self.conv.padding)
+
+    def lipschitz_ratio(self) -> float:
+        r"""Certified :math:`\rho = \|W *\|_2 / \hat\sigma \ge` the normalised layer's
+        Lipschitz constant on images of the calibrated size; tends to 1 as the power
+        iteration converges."""
+        size = self.input_size
+        if size is None:
+            raise ValueError(
+                "the normalisation is sized by the input: run a forward pass or "
+                "calibrate((H, W)) first"
+            )
+        with torch.no_grad():
+            sigma = float(self.sigma())
+        torus = (int(self.u.shape[-2]), int(self.u.shape[-1]))
+        return circular_conv_norm(self.conv.weight, torus) / sigma
+
+    def _circular(self, u: Tensor, weight: Tensor, *, adjoint: bool = False) -> Tensor:
+        p = self.kernel_size // 2
+        if adjoint:
+            weight = weight.transpose(0, 1).flip(-2, -1)
+        return F.conv2d(F.pad(u, (p, p, p, p), mode="circular"), weight)
+
+    def _power_step(self, iters: int) -> None:
+        weight = self.conv.weight.detach()
+        u = self.u
+        for _ in range(iters):
+            u = self._circular(self._circular(u, weight), weight, adjoint=True)
+            u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)
+        self.u.copy_(u)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        saved = state_dict.get(prefix + "u")
+        if isinstance(saved, Tensor) and saved.shape != self.u.shape:
+            self.u = torch.empty_like(saved, device=self.u.device, dtype=self.u.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ContractiveDnCNN(nn.Module):
+    r"""A DnCNN-style denoiser :math:`D` with a certified Lipschitz bound below 1.
+
+    No batch norm, ReLU activations, every convolution a :class:`NormalizedConv2d`, and a
+    final scale :math:`s` = ``lipschitz``:
+
+    .. math::
+
+        D(x) = s \cdot \tilde W_L \circ \mathrm{ReLU} \circ \tilde W_{L-1} \circ \cdots
+            \circ \mathrm{ReLU} \circ \tilde W_1 (x), \qquad \tilde W_l = W_l / \hat\sigma_l.
+
+    **The bound.** Biases do not change Lipschitz constants, ReLU is 1-Lipschitz and
+    Lipschitz constants multiply under composition, so
+
+    .. math::
+
+        \operatorname{Lip}(D) \le s \prod_{l=1}^{L} \frac{\|W_l *\|_2}{\hat\sigma_l}
+            = s \prod_l \rho_l .
+
+    Each :math:`\hat\sigma_l` is a power-iteration estimate of the convolution's true operator
+    norm *at the input size* (through ``conv2d``/``conv_transpose2d``), so
+    :math:`\rho_l \to 1` and :math:`\operatorname{Lip}(D) \to s`. Torch's reshaped-matrix
+    ``spectral_norm`` would not do: it can under-estimate a convolution's norm by up to a
+    factor :math:`K` per layer. Because a power estimate approaches the norm from below,
+    :meth:`lipschitz_bound` does not assume :math:`\rho_l = 1`: it returns
+    :math:`s \prod_l \rho_l` with the numerator :math:`\|W_l *\|_2` bounded exactly through the
+    DFT (:func:`~implicitlayers.imaging.circular_conv_norm`), a guaranteed bound for images
+    of the calibrated size (and smaller). It is slightly above :math:`s` (a few
+    tenths of a percent per layer after the warm-up), so :math:`s = 0.9` leaves room.
+
+    Args:
+        channels: Image channels :math:`C`.
+        depth: Convolutions :math:`L \ge 2`.
+        width: Hidden feature channels.
+        lipschitz: The final scale :math:`s \in (0, 1)`.
+        kernel_size: Odd convolution size :math:`K`.
+        power_iterations: Power steps per recorded training forward, per layer.
+        warmup_iterations: Power steps when a layer first sees an input size.
+        input_size: Calibrate for ``(H, W)`` images at construction (otherwise the first
+            forward does).
+        init: ``"identity"`` (default) starts near :math:`D(x) = s x / 2`: the first layer
+            splits :math:`x` into :math:`(x, -x)` channels, hidden layers are identities, the
+            last recombines :math:`\mathrm{ReLU}(x) - \mathrm{ReLU}(-x)` (the :math:`1/2` is
+            the price of the split under layer-wise normalisation), each plus 10% of torch's
+            default random init. Randomly initialised normalised layers lose most of a signal
+            to misaligned singular vectors and ReLU masks (a local Lipschitz constant of
+            :math:`10^{-2}` at depth 5, :math:`10^{-8}` at depth 17), which makes a useless
+            denoiser. ``"default"`` keeps torch's init.
+
+    Example:
+        >>> import torch
+        >>> from implicitlayers.imaging import ContractiveDnCNN
+        >>> D = ContractiveDnCNN(channels=1, depth=4, width=8, input_size=(16, 16))
+        >>> D(torch.randn(2, 1, 16, 16)).shape
+        torch.Size([2, 1, 16, 16])
+        >>> 0.9 <= D.lipschitz_bound() < 1.0
+        True
+    """
+
+    def __init__(
+        self,
+        channels: int = 3,
+        depth: int = 17,
+        width: int = 64,
+        *,
+        lipschitz: float = 0.9,
+        kernel_size: int = 3,
+        power_iterations: int = 1,
+        warmup_iterations: int = 100,
+        input_size: tuple[int, int] | None = None,
+        init: str = "identity",
+    ) -> None:
+        super().__init__()
+        _check_depth_width(channels, depth, width)
+        check_float("lipschitz", lipschitz, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.channels = channels
+        self.depth = depth
+        self.width = width
+        self.kernel_size = kernel_size
+        self.lipschitz = float(lipschitz)
+
+        def conv(c_in: int, c_out: int) -> NormalizedConv2d:
+            return NormalizedConv2d(
+                c_in,
+                c_out,
+                kernel_size,
+                power_iterations=power_iterations,
+                warmup_iterations=warmup_iterations,
+            )
+
+        layers: list[nn.Module] = [conv(channels, width), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers += [conv(width, width), nn.ReLU()]
+        layers.append(conv(width, channels))
+        self.layers = nn.Sequential(*layers)
+        if init == "identity":
+            _split_identity_init(self.convs(), channels, width)
+        elif init != "default":
+            raise ValueError(f"init must be 'identity' or 'default', got {init!r}")
+        if input_size is not None:
+            self.calibrate(input_size)
+
+    def convs(self) -> list[NormalizedConv2d]:
+        """The normalised convolutions, first to last."""
+        return [m for m in self.layers if isinstance(m, NormalizedConv2d)]
+
+    def calibrate(self, input_size: tuple[int, int], iters: int | None = None) -> None:
+        """Size every layer's power vector for ``(H, W)`` images and run ``iters`` steps
+        (default: the warm-up on a new size, ``power_iterations`` otherwise)."""
+        if len(input_size) != 2 or any(int(s) < 1 for s in input_size):
+            raise ValueError(f"input_size must be (H, W) with H, W >= 1, got {input_size!r}")
+        for conv in self.convs():
+            conv.calibrate((int(input_size[0]), int(input_size[1])), iters)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``."""
+        _check_image(x, self.channels)
+        out: Tensor = self.layers(x)
+        return self.lipschitz * out
+
+    def lipschitz_bound(self) -> float:
+        r"""The guaranteed :math:`s \prod_l \rho_l \ge \operatorname{Lip}(D)` at the calibrated
+        input size (exact per-layer norms by FFT and SVD: a few hundred milliseconds for
+        ``width=64`` on a CPU, so call it to report, not in a training loop)."""
+        log_bound = math.log(self.lipschitz)
+        for conv in self.convs():
+            log_bound += math.log(conv.lipschitz_ratio())
+        return math.exp(log_bound)
+
+
+def _split_identity_init(convs: list[NormalizedConv2d], channels: int, width: int) -> None:
+    """Near-identity init for ``ContractiveDnCNN``: x -> (x, -x) -> ... -> relu(x) - relu(-x)."""
+    with torch.no_grad():
+        for conv in convs:
+            conv.conv.weight.mul_(0.1)
+            if conv.conv.bias is not None:
+                conv.conv.bias.zero_()
+        c = convs[0].kernel_size // 2
+        pairs = min(channels, width // 2)
+        first, last = convs[0].conv.weight, convs[-1].conv.weight
+        for i in range(pairs):
+            first[2 * i, i, c, c] += 1.0
+            first[2 * i + 1, i, c, c] -= 1.0
+            last[i, 2 * i, c, c] += 1.0
+            last[i, 2 * i + 1, c, c] -= 1.0
+        for conv in convs[1:-1]:
+            for i in range(width):
+                conv.conv.weight[i, i, c, c] += 1.0
+
+
+def _check_image(x: Tensor, channels: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"x has {x.shape[1]} channels but the network was built with channels={channels}; "
+            f"build it with channels={x.shape[1]}"
+        )
