@@ -50,8 +50,8 @@ class AbstractBackward(abc.ABC):
             grad: Flat ``(B, n)`` incoming gradient :math:`g`.
 
         Returns:
-            ``(u, result)``: :math:`u` of the same shape, and the :class:`SolverResult` of any
-            solve performed (``None`` if none).
+            ``(u, result)``: :math:`u` of the same shape, and the
+            :class:`~implicitlayers.SolverResult` of any solve performed (``None`` if none).
         """
 
     @property
