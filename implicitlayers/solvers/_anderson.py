@@ -35,8 +35,9 @@ class Anderson(AbstractSolver):
     ridge, as in torchdeq, swamps the system once residuals are small and degrades Anderson to
     averaging). A singular or non-finite system never raises: the sample takes a damped Picard
     step, its history restarts, and a sample that ends unconverged after such a restart is
-    reported as ``Status.BREAKDOWN``. Memory: two ``(B, m, n)`` buffers. Also takes the shared
-    options of :class:`~implicitlayers.solvers.AbstractSolver`.
+    reported as ``Status.BREAKDOWN``. Memory: two ``(B, m, n)`` buffers (values and
+    residuals); each step reads the history twice (one new row of the Gram matrix, one mix).
+    Also takes the shared options of :class:`~implicitlayers.solvers.AbstractSolver`.
 
     Args:
         history_size: :math:`m \ge 1`, the number of past iterates mixed (``1`` is damped
@@ -67,40 +68,44 @@ class Anderson(AbstractSolver):
         batch, n = z.shape
         m = self.history_size
         return {
-            "X": z.new_zeros(batch, m, n),
-            "F": z.new_zeros(batch, m, n),
+            "F": z.new_zeros(batch, m, n),  # f(z_i)
+            "G": z.new_zeros(batch, m, n),  # g_i = f(z_i) - z_i
+            "gram": z.new_zeros(batch, m, m),  # G G^T, updated one row and column per step
             "count": torch.zeros(batch, dtype=torch.long, device=z.device),
         }
 
     def step(self, state: SolverState, z: Tensor, fz: Tensor) -> tuple[Tensor, SolverState, Tensor]:
-        X, F, count = state["X"], state["F"], state["count"]
-        batch, m = X.shape[0], self.history_size
+        F, G, gram, count = state["F"], state["G"], state["gram"], state["count"]
+        batch, m = F.shape[0], self.history_size
         rows = torch.arange(batch, device=z.device)
         slot = count % m
-        X[rows, slot] = z
+        g = fz - z
         F[rows, slot] = fz
+        G[rows, slot] = g
+        # One pass over the history per step: the new residual against every stored one.
+        products = torch.bmm(G, g[:, :, None]).squeeze(2)
+        gram[rows, slot, :] = products
+        gram[rows, :, slot] = products
         count = count + 1
         valid = torch.arange(m, device=z.device)[None, :] < count.clamp(max=m)[:, None]
-        G = (F - X) * valid[:, :, None]
-        gram = torch.bmm(G, G.transpose(1, 2))
-        scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1)
+        pair = valid[:, :, None] & valid[:, None, :]
+        scale = (gram.diagonal(dim1=1, dim2=2) * valid).amax(dim=1)
         ridge = self.regularization * scale[:, None] * valid + (~valid)
         system = z.new_zeros(batch, m + 1, m + 1)
         system[:, 0, 1:] = valid
         system[:, 1:, 0] = valid
-        system[:, 1:, 1:] = gram * (valid[:, :, None] & valid[:, None, :]) + torch.diag_embed(ridge)
+        system[:, 1:, 1:] = torch.where(pair, gram, 0.0) + torch.diag_embed(ridge)
         rhs = z.new_zeros(batch, m + 1)
         rhs[:, 0] = 1
         solution, info = torch.linalg.solve_ex(system, rhs)
         alpha = solution[:, 1:]
         ok = (info == 0) & torch.isfinite(alpha).all(dim=1)
-        alpha = torch.where(ok[:, None], alpha, 0.0)[:, None, :]
-        mixed_f = torch.bmm(alpha, F).squeeze(1)
-        if self.mixing == 1.0:
-            z_next = mixed_f
-        else:
-            z_next = torch.lerp(torch.bmm(alpha, X).squeeze(1), mixed_f, self.mixing)
+        alpha = torch.where(ok[:, None] & valid, alpha, 0.0)[:, None, :]
+        # sum_i alpha_i (beta f(z_i) + (1 - beta) z_i) = sum_i alpha_i (f(z_i) - (1 - beta) g_i)
+        z_next = torch.bmm(alpha, F).squeeze(1)
+        if self.mixing != 1.0:
+            z_next = z_next - (1.0 - self.mixing) * torch.bmm(alpha, G).squeeze(1)
         picard = torch.lerp(z, fz, self.mixing)
         z_next = torch.where(ok[:, None], z_next, picard)
         count = torch.where(ok, count, 0)
-        return z_next, {"X": X, "F": F, "count": count}, ~ok
+        return z_next, {"F": F, "G": G, "gram": gram, "count": count}, ~ok

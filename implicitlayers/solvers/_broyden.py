@@ -58,23 +58,25 @@ class Broyden(AbstractSolver):
             "U": z.new_zeros(batch, self.memory, n),
             "V": z.new_zeros(batch, self.memory, n),
             "count": torch.zeros(batch, dtype=torch.long, device=z.device),
-            "z_prev": torch.zeros_like(z),
+            "dz": torch.zeros_like(z),  # the previous step, z_k - z_{k-1} = -H_{k-1} g_{k-1}
             "g_prev": torch.zeros_like(z),
             "has_prev": torch.zeros(batch, dtype=torch.bool, device=z.device),
         }
 
     def step(self, state: SolverState, z: Tensor, fz: Tensor) -> tuple[Tensor, SolverState, Tensor]:
         U, V, count = state["U"], state["V"], state["count"]
-        has_prev = state["has_prev"]
+        has_prev, dz = state["has_prev"], state["dz"]
         batch, m = U.shape[0], self.memory
         rows = torch.arange(batch, device=z.device)
         g = fz - z
-        valid = torch.arange(m, device=z.device)[None, :] < count.clamp(max=m)[:, None]
-        dz = z - state["z_prev"]
         dg = g - state["g_prev"]
+        valid = torch.arange(m, device=z.device)[None, :] < count.clamp(max=m)[:, None]
+        # Two products with the memory per step instead of three: since the previous step was
+        # dz = -H g_prev, H dg = H g + dz, so u = (dz - H dg) / (v . dg) = -H g / (v . dg).
+        hg = _matvec(U, V, valid, g)
         v = _rmatvec(U, V, valid, dz)
         denom = (v * dg).sum(dim=1)
-        u = (dz - _matvec(U, V, valid, dg)) / denom[:, None]
+        u = -hg / denom[:, None]
         size = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
         tiny = torch.finfo(z.dtype).eps * size
         ok = torch.isfinite(u).all(dim=1) & (denom.abs() > tiny)
@@ -82,22 +84,24 @@ class Broyden(AbstractSolver):
         write = has_prev & ok
         # A full memory restarts from H = -I: overwriting the oldest update instead breaks the
         # secant conditions the newer updates rely on and can make the iteration diverge.
-        count = torch.where(breakdown | (write & (count >= m)), 0, count)
+        reset = breakdown | (write & (count >= m))
+        count = torch.where(reset, 0, count)
         slot = count.clamp(max=m - 1)
         U[rows, slot] = torch.where(write[:, None], u, U[rows, slot])
         V[rows, slot] = torch.where(write[:, None], v, V[rows, slot])
         count = torch.where(write, count + 1, count)
-        valid = torch.arange(m, device=z.device)[None, :] < count.clamp(max=m)[:, None]
-        z_next = z - _matvec(U, V, valid, g)
+        # H_new g = H g + u (v . g), where H is -I after a restart.
+        hg = torch.where(reset[:, None], -g, hg)
+        hg = hg + torch.where(write[:, None], u * (v * g).sum(dim=1, keepdim=True), 0.0)
         new_state = {
             "U": U,
             "V": V,
             "count": count,
-            "z_prev": z.clone(),
+            "dz": -hg,
             "g_prev": g,
             "has_prev": torch.ones_like(has_prev),
         }
-        return z_next, new_state, breakdown
+        return z - hg, new_state, breakdown
 
 
 def _matvec(U: Tensor, V: Tensor, valid: Tensor, x: Tensor) -> Tensor:
