@@ -208,3 +208,29 @@ def test_deq_wraps_modules_with_tuple_state():
     assert isinstance(z, tuple) and result.converged.all()
     (z[0].sum() + z[1].sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("rule", [il.JFB(), il.Neumann(terms=2), il.ImplicitDifferentiation()])
+def test_backward_leaks_nothing_across_steps(rule):
+    import gc
+    import warnings
+
+    cell = TanhCell()
+    deq = il.DEQ(cell, solver=il.Picard(max_iter=10), backward=rule)
+    x = torch.randn(8, 3, dtype=torch.float64)
+
+    def live_tensors():
+        gc.collect()
+        with warnings.catch_warnings():  # gc.get_objects touches deprecated torch attributes
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    def step():
+        z, _ = deq(x, z0=torch.zeros(8, 5, dtype=torch.float64))
+        z.sum().backward()
+
+    step()
+    before = live_tensors()
+    for _ in range(10):
+        step()
+    assert live_tensors() - before <= 1  # e.g. a grad buffer; no graph per step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,30 +73,51 @@ class AbstractBackward(abc.ABC):
             z_star: Flat ``(B, n)`` fixed point.
             on_result: Called with the adjoint solve's result during the backward pass.
         """
-        z_in = z_star.detach().requires_grad_(True)
+        # Only rules that take VJPs need dL/dz through f; JFB skips that part of the backward.
+        z_in = z_star.detach().requires_grad_(self.uses_vjp)
         with torch.enable_grad():
             fz = f_flat(z_in)
-        if self.uses_vjp:
-
-            def vjp(v: Tensor) -> Tensor:
-                (out,) = torch.autograd.grad(fz, z_in, v, retain_graph=True)
-                return out
-
-            solving = False  # the VJPs below reach this hook again; let them pass through
-
-            def hook(grad: Tensor | None) -> Tensor | None:
-                nonlocal solving
-                if solving or grad is None:  # None: an undefined gradient, nothing to map
-                    return grad
-                solving = True
-                try:
-                    u, result = self.adjoint(vjp, grad)
-                finally:
-                    solving = False
-                if on_result is not None:
-                    on_result(result)
-                return u.to(grad.dtype)
-
-            fz.register_hook(hook)  # type: ignore[no-untyped-call]
+            if self.uses_vjp:
+                fz = _ReplaceGradient.apply(fz, z_in, self, on_result)  # type: ignore[no-untyped-call]
         # Exactly z_star in value; the gradient flows through the one application of f.
         return z_star.detach().to(fz.dtype) + (fz - fz.detach())
+
+
+class _ReplaceGradient(torch.autograd.Function):
+    """Identity whose backward maps the incoming gradient :math:`g` to the rule's :math:`u`.
+
+    A custom ``Function`` rather than a tensor hook: a hook on ``f(z*)`` must capture that
+    tensor to take its VJPs, and the cycle tensor -> graph node -> hook -> tensor passes through
+    C++ where Python's garbage collector cannot see it, leaking the graph every step. Saving the
+    input here keeps references one-way.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        fz: Tensor,
+        z_in: Tensor,
+        rule: AbstractBackward,
+        on_result: Callable[[SolverResult | None], None] | None,
+    ) -> Tensor:
+        ctx.save_for_backward(fz, z_in)
+        ctx.rule = rule
+        ctx.on_result = on_result
+        out: Tensor = fz.view_as(fz)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        fz: Tensor
+        z_in: Tensor
+        fz, z_in = ctx.saved_tensors
+
+        def vjp(v: Tensor) -> Tensor:
+            (out,) = torch.autograd.grad(fz, z_in, v, retain_graph=True)
+            return out
+
+        with torch.enable_grad():
+            u, result = ctx.rule.adjoint(vjp, grad)
+        if ctx.on_result is not None:
+            ctx.on_result(result)
+        return u.to(grad.dtype), None, None, None
