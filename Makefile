@@ -43,6 +43,7 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks run --suite all --quick --out runs/bench-quick
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks run --suite all --device auto --out runs/bench
 
 package-check: $(STAMP)

@@ -1,0 +1,51 @@
+"""Helpers shared by several suites: solver factories, problem lists, record formatting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import implicitlayers as il
+
+from .._problems import Problem, Unavailable, degrad_problem, tanh_conv_problem
+from .._types import SuiteContext
+
+
+def make_solver(name: str, **options: Any) -> il.AbstractSolver:
+    """A solver by name with the given shared options (``max_iter``, ``atol``, ...)."""
+    if name == "picard":
+        return il.Picard(**options)
+    if name == "anderson":
+        return il.Anderson(**options)
+    if name == "broyden":
+        return il.Broyden(**options)
+    raise ValueError(f"unknown solver {name!r}")
+
+
+SOLVER_NAMES = ("picard", "anderson", "broyden")
+
+
+def conv_layer(ctx: SuiteContext, dtype: torch.dtype = torch.float32) -> Problem:
+    """The standard DEQ layer every suite uses (tiny under ``--quick``)."""
+    if ctx.quick:
+        return tanh_conv_problem(batch=2, channels=4, size=8, device=ctx.device, dtype=dtype)
+    return tanh_conv_problem(batch=8, channels=32, size=32, device=ctx.device, dtype=dtype)
+
+
+def maybe_degrad(
+    ctx: SuiteContext, *, batch: int, size: int, dtype: torch.dtype = torch.float32
+) -> tuple[Problem | None, str | None]:
+    """The DE-GRAD problem, or ``(None, reason)`` when ``implicitlayers.imaging`` is absent."""
+    try:
+        return degrad_problem(batch=batch, size=size, device=ctx.device, dtype=dtype), None
+    except Unavailable as err:
+        return None, str(err)
+
+
+def relative_residual(problem: Problem, z: torch.Tensor) -> float:
+    r"""Largest per-sample :math:`\|f(z) - z\| / \|f(z)\|` over the batch (recomputed)."""
+    with torch.no_grad():
+        fz = problem.f(z)
+        res = torch.linalg.vector_norm((fz - z).flatten(1), dim=1)
+        return float((res / torch.linalg.vector_norm(fz.flatten(1), dim=1)).max())

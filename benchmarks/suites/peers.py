@@ -1,0 +1,340 @@
+"""Suite 5: against torchdeq 0.1.0 on the same problem, solver settings and tolerance.
+
+torchdeq is an optional import: without it the suite is skipped with the reason recorded.
+Settings were matched by reading torchdeq's source (``torchdeq/solver/*.py``,
+``torchdeq/core.py``, ``torchdeq/grad.py``):
+
+* stopping: torchdeq's ``stop_mode="rel"`` stops when ``max_b ||f(z_b) - z_b|| /
+  (||f(z_b)|| + 1e-9) < tol``; ours uses ``atol=0, rtol=tol``, i.e. per sample
+  ``||f(z) - z|| <= tol ||f(z)||`` (then frozen). Both evaluate ``f`` on the whole batch.
+* Anderson: torchdeq ``m=6, lam=1e-4, tau=1.0`` (its defaults); ours ``history_size=6,
+  mixing=1.0`` and our default ``regularization=1e-6``. The ridges cannot be matched exactly:
+  torchdeq adds a fixed ``1e-4 I`` to ``GG^T``, ours adds ``1e-6 max diag(GG^T) I``.
+* Picard: torchdeq ``fixed_point_iter`` with ``tau=1.0``; ours ``Picard(damping=0)``.
+* Broyden: torchdeq keeps every update (``LBFGS_thres=None`` -> ``max_iter``) without line
+  search; ours ``Broyden(memory=max_iter)``.
+* backward: JFB is torchdeq ``grad=1`` against our ``JFB()``; implicit differentiation is
+  torchdeq ``ift=True, b_solver="anderson", b_stop_mode="rel"`` against our
+  ``ImplicitDifferentiation(solver=Anderson(history_size=6, mixing=1.0, atol=0, rtol=b_tol))``.
+  torchdeq starts the adjoint solve from 0, ours from the incoming gradient.
+
+``f`` evaluations and reverse passes are counted by the same wrapper around the cell for both
+libraries. Timings alternate between the libraries repeat by repeat, so a shared machine's
+slow moments hit both, and each ours/theirs ratio is the median of the per-repeat ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import implicitlayers as il
+
+from .._memory import SavedTensors, peak_bytes
+from .._plots import figure, save
+from .._problems import Counted, Problem
+from .._report import fmt, mib
+from .._timing import paired_ratio
+from .._types import Acceptance, SuiteContext, SuiteResult, skipped
+from ._shared import conv_layer, maybe_degrad, relative_residual
+
+NAME = "peers"
+TITLE = "Against torchdeq"
+TORCHDEQ_SOLVERS = {"picard": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
+
+
+def _ours_solver(name: str, max_iter: int, tol: float) -> il.AbstractSolver:
+    options: dict[str, Any] = {"max_iter": max_iter, "atol": 0.0, "rtol": tol}
+    if name == "picard":
+        return il.Picard(damping=0.0, **options)
+    if name == "anderson":
+        return il.Anderson(history_size=6, mixing=1.0, **options)
+    return il.Broyden(memory=max_iter, **options)
+
+
+def _theirs(solver: str, max_iter: int, tol: float, backward: str, b_tol: float) -> Any:
+    from torchdeq import get_deq
+
+    kwargs: dict[str, Any] = {
+        "f_solver": TORCHDEQ_SOLVERS[solver],
+        "f_max_iter": max_iter,
+        "f_tol": tol,
+        "f_stop_mode": "rel",
+        "eval_factor": 1.0,
+    }
+    if backward == "ift":
+        kwargs.update(
+            ift=True, b_solver="anderson", b_max_iter=max_iter, b_tol=b_tol, b_stop_mode="rel"
+        )
+    else:
+        kwargs.update(grad=1)
+    return get_deq(**kwargs)
+
+
+def _alternate(
+    fns: Mapping[str, Callable[..., Any]], repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Time each function ``repeats`` times, alternating between them, after one warm-up."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def run(ctx: SuiteContext) -> SuiteResult:
+    """Run the suite."""
+    try:
+        import torchdeq
+    except ImportError as err:
+        return skipped(
+            NAME,
+            TITLE,
+            f"torchdeq is not installed ({err}); `pip install torchdeq==0.1.0` to run this suite",
+        )
+    tol, b_tol = 1e-4, 1e-5
+    cfg = {
+        "tol": tol,
+        "b_tol": b_tol,
+        "repeats": ctx.repeats(5, 1),
+        "max_iter": 100,
+        "torchdeq": torchdeq.__version__ if hasattr(torchdeq, "__version__") else "0.1.0",
+    }
+    suite = SuiteResult(name=NAME, title=TITLE, config=cfg)
+    problems = [conv_layer(ctx)]
+    degrad, reason = maybe_degrad(ctx, batch=1 if ctx.quick else 2, size=16 if ctx.quick else 64)
+    if degrad is None:
+        suite.notes.append(f"DE-GRAD problem skipped: {reason}")
+    else:
+        problems.append(degrad)
+    jobs = [(p, s) for p in problems for s in ("picard", "anderson", "broyden")]
+    for problem, solver in ctx.bar(jobs, "peers forward"):
+        _forward(ctx, suite, problem, solver, cfg)
+    jobs = [(p, b) for p in problems for b in ("jfb", "ift")]
+    for problem, backward in ctx.bar(jobs, "peers training"):
+        _training(ctx, suite, problem, backward, cfg)
+    _summarise(ctx, suite)
+    return suite
+
+
+def _forward(
+    ctx: SuiteContext, suite: SuiteResult, problem: Problem, solver: str, cfg: dict[str, Any]
+) -> None:
+    counted = Counted(problem.cell)
+    ours = il.DEQ(counted, solver=_ours_solver(solver, cfg["max_iter"], cfg["tol"]))
+    theirs = _theirs(solver, cfg["max_iter"], cfg["tol"], "jfb", cfg["b_tol"]).eval()
+    out: dict[str, Tensor] = {}
+    evals: dict[str, int] = {}
+
+    def run_ours() -> None:
+        counted.reset()
+        with torch.no_grad():
+            out["ours"], _ = ours(*problem.inputs, z0=problem.z0)
+        evals["ours"] = counted.forward_calls
+
+    def run_theirs() -> None:
+        counted.reset()
+        with torch.no_grad():
+            z, _ = theirs(lambda z: counted(z, *problem.inputs), problem.z0)
+        out["theirs"] = z[-1]
+        evals["theirs"] = counted.forward_calls
+
+    times = _alternate({"ours": run_ours, "theirs": run_theirs}, cfg["repeats"], ctx.device)
+    t_ours, t_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
+    suite.add(
+        kind="forward",
+        problem=problem.name,
+        **problem.info,
+        solver=solver,
+        tol=cfg["tol"],
+        ours_time_s=t_ours,
+        theirs_time_s=t_theirs,
+        ours_time_samples_s=times["ours"],
+        theirs_time_samples_s=times["theirs"],
+        time_ratio=paired_ratio(times["ours"], times["theirs"]),
+        ours_f_evals=evals["ours"],
+        theirs_f_evals=evals["theirs"],
+        ours_relative_residual=relative_residual(problem, out["ours"]),
+        theirs_relative_residual=relative_residual(problem, out["theirs"]),
+    )
+
+
+def _training(
+    ctx: SuiteContext, suite: SuiteResult, problem: Problem, backward: str, cfg: dict[str, Any]
+) -> None:
+    counted = Counted(problem.cell)
+    rule: il.AbstractBackward = il.JFB()
+    if backward == "ift":
+        adjoint = il.Anderson(
+            history_size=6, mixing=1.0, max_iter=cfg["max_iter"], atol=0.0, rtol=cfg["b_tol"]
+        )
+        rule = il.ImplicitDifferentiation(solver=adjoint)
+    ours = il.DEQ(
+        counted, solver=_ours_solver("anderson", cfg["max_iter"], cfg["tol"]), backward=rule
+    )
+    theirs = _theirs("anderson", cfg["max_iter"], cfg["tol"], backward, cfg["b_tol"]).train()
+    weight = torch.randn(problem.z0.shape, generator=torch.Generator().manual_seed(5))
+    weight = weight.to(problem.z0)
+    params = list(problem.cell.parameters())
+
+    def loss_ours() -> Tensor:
+        problem.cell.zero_grad(set_to_none=True)
+        z, _ = ours(*problem.inputs, z0=problem.z0)
+        return (z * weight).sum()
+
+    def loss_theirs() -> Tensor:
+        problem.cell.zero_grad(set_to_none=True)
+        z, _ = theirs(lambda z: counted(z, *problem.inputs), problem.z0)
+        return (z[-1] * weight).sum()
+
+    losses = {"ours": loss_ours, "theirs": loss_theirs}
+    steps = {k: (lambda fn=fn: fn().backward()) for k, fn in losses.items()}
+    step_times = _alternate(steps, cfg["repeats"], ctx.device)
+    backward_times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for _ in range(cfg["repeats"]):
+        for key, fn in losses.items():
+            loss = fn()
+            t0 = time.perf_counter()
+            loss.backward()
+            if ctx.is_cuda:
+                torch.cuda.synchronize(ctx.device)
+            backward_times[key].append(time.perf_counter() - t0)
+    record: dict[str, Any] = {}
+    grads = {}
+    for key, fn in losses.items():
+        with SavedTensors(exclude=params) as saved:
+            loss = fn()
+        counted.reset()
+        loss.backward()
+        reverse_passes = counted.reverse_calls
+        grads[key] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+        memory = peak_bytes(lambda _, fn=fn: fn().backward(), ctx.device)
+        record.update(
+            {
+                f"{key}_step_time_s": statistics.median(step_times[key]),
+                f"{key}_backward_time_s": statistics.median(backward_times[key]),
+                f"{key}_step_samples_s": step_times[key],
+                f"{key}_backward_samples_s": backward_times[key],
+                f"{key}_reverse_passes": reverse_passes,
+                f"{key}_saved_bytes": saved.nbytes,
+                f"{key}_peak_bytes": memory["peak_bytes"],
+            }
+        )
+    cosine = float(torch.nn.functional.cosine_similarity(grads["ours"], grads["theirs"], dim=0))
+    suite.add(
+        kind="training",
+        problem=problem.name,
+        **problem.info,
+        backward=backward,
+        **record,
+        step_time_ratio=paired_ratio(step_times["ours"], step_times["theirs"]),
+        backward_time_ratio=paired_ratio(backward_times["ours"], backward_times["theirs"]),
+        peak_ratio=record["ours_peak_bytes"] / max(record["theirs_peak_bytes"], 1),
+        gradient_cosine_ours_vs_theirs=cosine,
+    )
+
+
+def _summarise(ctx: SuiteContext, suite: SuiteResult) -> None:
+    fwd = [r for r in suite.records if r["kind"] == "forward"]
+    suite.tables.append(
+        (
+            f"Forward solve to rtol {suite.config['tol']} (no grad)",
+            [
+                "problem",
+                "solver",
+                "ours ms",
+                "torchdeq ms",
+                "ours/theirs",
+                "ours f evals",
+                "their f evals",
+                "ours rel. res.",
+                "their rel. res.",
+            ],
+            [
+                [
+                    r["problem"],
+                    r["solver"],
+                    fmt(r["ours_time_s"] * 1e3),
+                    fmt(r["theirs_time_s"] * 1e3),
+                    fmt(r["time_ratio"]),
+                    str(r["ours_f_evals"]),
+                    str(r["theirs_f_evals"]),
+                    fmt(r["ours_relative_residual"]),
+                    fmt(r["theirs_relative_residual"]),
+                ]
+                for r in fwd
+            ],
+        )
+    )
+    trn = [r for r in suite.records if r["kind"] == "training"]
+    suite.tables.append(
+        (
+            "Training step (Anderson forward + backward rule)",
+            [
+                "problem",
+                "backward",
+                "step ours/theirs",
+                "backward ms ours",
+                "backward ms theirs",
+                "backward ours/theirs",
+                "reverse passes ours/theirs",
+                "peak MiB ours/theirs",
+                "saved MiB ours/theirs",
+                "grad cosine",
+            ],
+            [
+                [
+                    r["problem"],
+                    r["backward"],
+                    fmt(r["step_time_ratio"]),
+                    fmt(r["ours_backward_time_s"] * 1e3),
+                    fmt(r["theirs_backward_time_s"] * 1e3),
+                    fmt(r["backward_time_ratio"]),
+                    f"{r['ours_reverse_passes']}/{r['theirs_reverse_passes']}",
+                    f"{mib(r['ours_peak_bytes'])}/{mib(r['theirs_peak_bytes'])}",
+                    f"{mib(r['ours_saved_bytes'])}/{mib(r['theirs_saved_bytes'])}",
+                    fmt(r["gradient_cosine_ours_vs_theirs"], 5),
+                ]
+                for r in trn
+            ],
+        )
+    )
+    suite.notes.append((__doc__ or "").split("\n\n", 1)[1].strip())
+    ratios = (
+        [(f"forward {r['problem']} {r['solver']}", r["time_ratio"]) for r in fwd]
+        + [(f"step {r['problem']} {r['backward']}", r["step_time_ratio"]) for r in trn]
+        + [(f"backward {r['problem']} {r['backward']}", r["backward_time_ratio"]) for r in trn]
+        + [(f"peak memory {r['problem']} {r['backward']}", r["peak_ratio"]) for r in trn]
+    )
+    if ratios:
+        worst = max(ratios, key=lambda kv: kv[1])
+        suite.acceptance.append(
+            Acceptance(
+                "not_slower_than_torchdeq",
+                "worst ours/torchdeq ratio (time or memory; < 1 = we are better)",
+                worst[1],
+                "<= 1.0",
+                worst[1] <= 1.0,
+                f"worst: {worst[0]}; all: " + ", ".join(f"{k} {fmt(v)}" for k, v in ratios),
+            )
+        )
+    fig, axes = figure(1, width=7.0, height=max(3.0, 0.25 * len(ratios)))
+    axes[0].barh([k for k, _ in ratios], [v for _, v in ratios])
+    axes[0].axvline(1.0, color="k", lw=0.8)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("ours / torchdeq (< 1: ours better)")
+    axes[0].tick_params(axis="y", labelsize=7)
+    suite.plots.append(save(fig, ctx.out, "peers_ratios.png"))
