@@ -196,8 +196,22 @@ class NormalizedConv2d(nn.Module):
             self.calibrate(size)
         elif self.training and torch.is_grad_enabled() and self.power_iterations > 0:
             self.calibrate(size, self.power_iterations)
-        weight = self.conv.weight / self.sigma()
+        weight = self.conv.weight / self._current_sigma()
         return F.conv2d(x, weight, self.conv.bias, padding=self.conv.padding)
+
+    def _current_sigma(self) -> Tensor:
+        """:meth:`sigma`, cached while nothing records autograd (the no-grad fixed-point solve
+        calls every layer once per iteration with the same weight and vector: the cache saves
+        one full-size convolution per layer and call). Keyed on the tensors' identities and
+        in-place versions, so an optimiser step or power iteration invalidates it."""
+        if torch.is_grad_enabled():
+            return self.sigma()
+        weight, u = self.conv.weight, self.u
+        key = (weight.data_ptr(), weight._version, u.data_ptr(), u._version, weight.dtype)
+        if getattr(self, "_sigma_key", None) != key:
+            self._sigma_cache = self.sigma().detach()
+            self._sigma_key = key
+        return self._sigma_cache
 
     def lipschitz_ratio(self) -> float:
         r"""Certified :math:`\rho = \|W *\|_2 / \hat\sigma \ge` the normalised layer's

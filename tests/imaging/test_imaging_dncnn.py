@@ -128,3 +128,20 @@ def test_contractive_dncnn_structure():
         D.lipschitz_bound()
     assert D(torch.randn(3, 2, 12, 12)).shape == (3, 2, 12, 12)
     assert D.convs()[0].input_size == (12, 12)
+
+
+def test_no_grad_sigma_cache_follows_weight_updates() -> None:
+    from implicitlayers.imaging import ContractiveDnCNN
+
+    net = ContractiveDnCNN(channels=1, depth=3, width=4).double().eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        first = net(x)
+        assert torch.equal(net(x), first)  # cached: same value
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # an in-place update, as an optimiser step does
+        updated = net(x)
+    with torch.enable_grad():
+        reference = net(x)  # eval mode: no power step, sigma recomputed
+    torch.testing.assert_close(updated, reference.detach(), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(updated, first)
