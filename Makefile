@@ -37,7 +37,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 docs: $(STAMP)
-	$(PY) -m sphinx -W --keep-going -n -b html docs docs/_build/html
+	$(PY) -m sphinx -W --keep-going -n -q -b html docs docs/_build/html
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks run --suite all --quick --out runs/bench-quick
