@@ -17,7 +17,8 @@ sample when it has converged, and reports forward iterations per sample.
 
 Run ``python examples/deblur_celeba.py`` for the complete CPU demo on photographs shipped
 with scikit-image, or ``--help`` for the CelebA options (``--data-dir``,
-``--preset paper``), ``evaluate`` and ``restore``, and ``torchrun`` for several GPUs.
+``--preset paper``), ``evaluate``, ``restore`` and ``compare`` (baselines and backward rules
+side by side, the paper's Table 2), and ``torchrun`` for several GPUs.
 The helper modules live in ``examples/deblur/``.
 """
 
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             return commands.run_evaluate(args)
         if args.command == "restore":
             return commands.run_restore(args)
+        if args.command == "compare":
+            from deblur.compare import run_compare
+
+            run_compare(args)
+            return 0
         return commands.run_train(args)
     except ConfigError as err:
         print(f"deblur_celeba.py {args.command}: error: {err}", file=sys.stderr)

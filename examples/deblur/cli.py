@@ -10,7 +10,7 @@ from .config import BACKWARDS, DEVICES, INITS, PRESETS, SOLVERS, SPLITS, RunConf
 
 __all__ = ["COMMANDS", "DEFAULT_OUTPUT_DIR", "build_parser", "config_overrides", "parse_args"]
 
-COMMANDS = ("train", "evaluate", "restore")
+COMMANDS = ("train", "evaluate", "restore", "compare")
 DEFAULT_OUTPUT_DIR = "runs/deblur-demo"
 _DEFAULTS = RunConfig()
 
@@ -254,13 +254,13 @@ def _add_eval_arguments(p: argparse.ArgumentParser, with_checkpoint: bool) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser with its three subcommands."""
+    """The full parser with its four subcommands."""
     parser = argparse.ArgumentParser(
         prog="deblur_celeba.py",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,restore}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,restore,compare}")
     train = sub.add_parser(
         "train",
         help="pretrain, train and evaluate (the default command)",
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="solver budget (default: the checkpoint's eval budget)",
     )
     restore.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
+    from .compare import add_compare_parser  # late: it imports the training machinery
+
+    add_compare_parser(sub)
     return parser
 
 

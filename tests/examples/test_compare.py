@@ -251,3 +251,13 @@ def test_runs_as_a_script() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "--tune-limit" in done.stdout and "JFB paper's comparison" in done.stdout
+
+
+def test_flagship_script_dispatches_compare(tmp_path: Path) -> None:
+    import deblur_celeba
+
+    out = tmp_path / "via-flagship"
+    tiny = [a for a in TINY if a != "--quiet"]
+    assert deblur_celeba.main(["compare", *tiny, "--rules", "jfb", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "deq_jfb" in json.dumps(results)
