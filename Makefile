@@ -6,11 +6,18 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# `make test-floor`: the suite against the lowest torch pyproject.toml allows, in its own venv,
+# with the numpy 1.x that torch was built against. Delete $(FLOOR_VENV) after changing the spec.
+FLOOR_VENV ?= .venv-floor
+FLOOR_TORCH_SPEC ?= torch==2.2.2
+FLOOR_NUMPY_SPEC ?= numpy<2
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
 
-.PHONY: help venv demo test lint typecheck docs bench-quick bench package-check ci clean
+.PHONY: help venv demo test test-floor lint typecheck docs bench-quick bench package-check ci clean
 
 help:
-	@echo "make demo | test | lint | typecheck | docs | bench-quick | bench | package-check | ci"
+	@echo "make demo | test | test-floor | lint | typecheck | docs | bench-quick | bench | package-check | ci"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +35,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+$(FLOOR_PY):
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PY) -m pip install -q --upgrade pip
+
+# torch and numpy first, then pinned as constraints, so the project's extras cannot upgrade them.
+$(FLOOR_STAMP): pyproject.toml | $(FLOOR_PY)
+	$(FLOOR_PY) -m pip install -q $(FLOOR_TORCH_SPEC)
+	$(FLOOR_PY) -m pip install -q "$(FLOOR_NUMPY_SPEC)"
+	$(FLOOR_PY) -c "from importlib.metadata import version as v; \
+		print(f'torch=={v(\"torch\")}\nnumpy=={v(\"numpy\")}')" > $(FLOOR_VENV)/constraints.txt
+	$(FLOOR_PY) -m pip install -q -c $(FLOOR_VENV)/constraints.txt -e ".[test,examples]"
+	@touch $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	@$(FLOOR_PY) -c "import numpy, torch; print('torch', torch.__version__, 'numpy', numpy.__version__)"
+	$(FLOOR_PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -52,4 +76,4 @@ package-check: $(STAMP)
 ci: lint typecheck test docs package-check
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info docs/_build runs
+	rm -rf $(VENV) $(FLOOR_VENV) build dist *.egg-info docs/_build runs

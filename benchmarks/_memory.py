@@ -53,16 +53,28 @@ def profiler_peak_bytes(fn: Callable[[], Any]) -> int | None:
         events = prof.profiler.kineto_results.events()
     except AttributeError:
         return None
+    # Sorted on the time alone, a stable sort: events in the same tick keep their recorded
+    # order (torch < 2.3 only gives microseconds).
     deltas = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in events
-        if e.name() == "[memory]" and e.device_type().name == "CPU"
+        (
+            (_start_ns(e), e.nbytes())
+            for e in events
+            if e.name() == "[memory]" and e.device_type().name == "CPU"
+        ),
+        key=lambda pair: pair[0],
     )
     level = peak = 0
     for _, nbytes in deltas:
         level += nbytes
         peak = max(peak, level)
     return int(peak)
+
+
+def _start_ns(event: Any) -> int:
+    """An event's start in ns: ``start_ns()`` where torch has it, else ``start_us()`` (2.2)."""
+    if hasattr(event, "start_ns"):
+        return int(event.start_ns())
+    return int(event.start_us()) * 1000
 
 
 def _status_kib(field: str) -> int | None:

@@ -25,7 +25,7 @@ class AutocastSplit:
     """Captures the autocast state at construction.
 
     ``bookkeeping()`` disables autocast (residuals, Anderson's Gram system in full precision);
-    ``user()`` restores the captured state around calls of ``f``.
+    ``user()`` restores the captured state around calls of ``f``, with autocast's cache off.
     """
 
     def __init__(self, device_type: str) -> None:
@@ -45,5 +45,9 @@ class AutocastSplit:
         if not self.enabled:
             yield
             return
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=True):
+        # Without the weight-cast cache: ``f`` runs here under ``no_grad``, and torch releases
+        # before the fix of pytorch/pytorch#112583 cache those casts without autograd history,
+        # then hand them to the differentiable application of ``f`` that attaches z* to the
+        # graph: its parameters silently got no gradient.
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=True, cache_enabled=False):
             yield

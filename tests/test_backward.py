@@ -107,6 +107,32 @@ def test_no_graph_without_grad():
     assert not z.requires_grad
 
 
+def test_parameters_get_gradients_under_autocast():
+    # The solve calls f under no_grad; autocast must not reuse its weight casts, made without
+    # history, in the application of f that attaches z* (pytorch/pytorch#112583, older torch).
+    cell, inject = nn.Linear(16, 16), nn.Linear(16, 16)
+    with torch.no_grad():
+        cell.weight.mul_(0.5 / torch.linalg.matrix_norm(cell.weight, 2))
+
+    def f(z, x):
+        return torch.tanh(cell(z) + inject(x))
+
+    deq = il.DEQ(f, solver=il.Anderson(max_iter=50, rtol=1e-2), backward="jfb")
+    x = torch.randn(4, 16)
+    params = [*cell.parameters(), *inject.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, result = deq(x)
+        z.float().square().sum().backward()
+        grads = [p.grad for p in params]
+        assert all(g is not None for g in grads)
+        # JFB's gradient: one application of f at the detached fixed point, fed dL/dz = 2 z.
+        for p in params:
+            p.grad = None
+        f(result.z, x).backward(2 * z.detach())
+    for g, p in zip(grads, params, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-2, atol=1e-4)
+
+
 def test_output_value_is_the_solution_for_every_rule(setup):
     problem, x, _ = setup
     values = []
