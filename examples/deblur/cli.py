@@ -109,6 +109,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--test-limit", type=int, default=S, help="at most this many test images")
     data.add_argument(
+        "--test-offset",
+        type=int,
+        default=S,
+        help="skip this many CelebA test images first (a fresh slice of the test split)",
+    )
+    data.add_argument(
         "--val-size",
         type=int,
         default=S,
@@ -144,7 +150,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--depth", type=int, default=S, help="DnCNN convolutions" + _g("6 demo, 8 small, 17 paper")
     )
     net.add_argument(
-        "--width", type=int, default=S, help="DnCNN channels" + _g("32 demo/small, 64 paper")
+        "--width", type=int, default=S, help="DnCNN channels" + _g("32 demo, 48 small, 64 paper")
     )
     net.add_argument(
         "--batch-norm",
@@ -235,6 +241,12 @@ def _add_eval_arguments(p: argparse.ArgumentParser, with_checkpoint: bool) -> No
         )
         ev.add_argument("--data-dir", default=S, help="CelebA folder, if it moved since training")
         ev.add_argument("--test-limit", type=int, default=S, help="at most this many test images")
+        ev.add_argument(
+            "--test-offset",
+            type=int,
+            default=S,
+            help="skip this many CelebA test images first (a fresh slice of the test split)",
+        )
         ev.add_argument("--eval-max-iter", type=int, default=S, help="solver budget")
         ev.add_argument("--rtol", type=float, default=S, help="test-time relative tolerance")
         ev.add_argument("--atol", type=float, default=S, help="test-time per-pixel RMS tolerance")

@@ -29,7 +29,14 @@ __all__ = ["evaluate_checkpoint", "run_evaluate", "run_restore", "run_train"]
 logger = logging.getLogger("deblur")
 
 #: Settings the ``evaluate`` command may change relative to the checkpoint's configuration.
-_EVAL_OVERRIDES = ("data_dir", "test_limit", "eval_max_iter", "eval_batch_size", "budgets")
+_EVAL_OVERRIDES = (
+    "data_dir",
+    "test_limit",
+    "test_offset",
+    "eval_max_iter",
+    "eval_batch_size",
+    "budgets",
+)
 _EVAL_OVERRIDES += ("figure_samples", "device", "rtol", "atol")
 
 

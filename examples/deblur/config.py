@@ -49,6 +49,7 @@ class RunConfig:
     limit: int | None = None
     val_limit: int | None = None
     test_limit: int | None = None
+    test_offset: int = 0
     val_size: int = 500
     image_size: int = 32
     builtin_train_crops: int = 2048
@@ -144,6 +145,7 @@ class RunConfig:
             ("--builtin-train-crops", self.builtin_train_crops, 1),
             ("--builtin-val-crops", self.builtin_val_crops, 1),
             ("--builtin-test-crops", self.builtin_test_crops, 1),
+            ("--test-offset", self.test_offset, 0),
         ):
             _int_at_least(flag, value, low)
         if self.kernel_size % 2 == 0:
@@ -218,12 +220,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "image_size": 64,
         "depth": 8,
-        "width": 32,
+        "width": 48,
+        "step_size": 1.0,
         "batch_size": 8,
-        "epochs": 5,
+        "epochs": 4,
         "lr": 1e-3,
         "pretrain_steps": 1000,
-        "limit": 2000,
+        "limit": 3000,
         "val_size": 200,
         "val_limit": 128,
         "test_limit": 256,

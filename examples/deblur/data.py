@@ -197,7 +197,8 @@ def celeba_splits(config: RunConfig) -> DataSplits:
     Args:
         config: Uses ``data_dir``, ``split``, ``split_seed``, ``val_size``, ``image_size``
             and the ``limit`` / ``val_limit`` / ``test_limit`` caps (each keeps the first
-            files of its split).
+            files of its split; ``test_offset`` skips that many test files first, so that a
+            configuration chosen on one slice of the test split can be confirmed on another).
 
     Returns:
         The splits, with their file names.
@@ -249,7 +250,7 @@ def celeba_splits(config: RunConfig) -> DataSplits:
     train, val, test = (
         _cap(train, config.limit),
         _cap(val, config.val_limit),
-        _cap(test, config.test_limit),
+        _cap(test[config.test_offset :], config.test_limit),
     )
     for name, group in (("train", train), ("validation", val), ("test", test)):
         if not group:

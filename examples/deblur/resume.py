@@ -18,7 +18,7 @@ logger = logging.getLogger("deblur")
 #: Settings that may change when a run is resumed; anything else must match the checkpoint.
 RESUMABLE = frozenset(
     {"epochs", "max_steps", "checkpoint_every", "workers", "device", "eval_batch_size"}
-    | {"budgets", "figure_samples", "test_limit"}
+    | {"budgets", "figure_samples", "test_limit", "test_offset"}
 )
 
 

@@ -61,6 +61,19 @@ def test_official_split_from_the_partition_file(celeba_dir: Path) -> None:
     assert celeba_splits(limited).files["train"] == NAMES[:3]  # type: ignore[index]
 
 
+def test_test_offset_takes_a_disjoint_slice_of_the_test_split(celeba_dir: Path) -> None:
+    config = resolve_config(None, {"data_dir": str(celeba_dir), "val_size": 2, "test_limit": 1})
+    first = celeba_splits(config).files
+    second = celeba_splits(resolve_config(None, {**config.to_dict(), "test_offset": 1})).files
+    assert first is not None and second is not None
+    assert first["train"] == second["train"] and first["val"] == second["val"]
+    assert len(first["test"]) == len(second["test"]) == 1
+    assert first["test"] != second["test"]
+    beyond = resolve_config(None, {**config.to_dict(), "test_offset": 2})
+    with pytest.raises(ConfigError, match="test split"):
+        celeba_splits(beyond)
+
+
 def test_missing_partition_file_with_official_split_is_explained(celeba_dir: Path) -> None:
     config = resolve_config(None, {"data_dir": str(celeba_dir), "split": "official"})
     with pytest.raises(ConfigError, match=r"--split official needs list_eval_partition\.txt"):

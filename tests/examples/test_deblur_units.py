@@ -66,6 +66,8 @@ def test_config_validation_names_the_flag() -> None:
         resolve_config("demo", {"budgets": [0, 5]})
     with pytest.raises(ConfigError, match="--preset must be one of"):
         resolve_config("huge", {})
+    with pytest.raises(ConfigError, match="--test-offset must be an integer >= 0"):
+        resolve_config("small", {"test_offset": -1})
 
 
 def test_model_treats_samples_independently() -> None:
