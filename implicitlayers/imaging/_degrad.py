@@ -74,6 +74,8 @@ class DEGRADCell(nn.Module):
         residual_regularizer: Use :math:`R(x) = x - D(x)` with ``regularizer`` as :math:`D`.
         max_step_size: Upper bound :math:`\eta_{\max}` of the step's parametrisation, or
             ``None`` for none.
+        learn_step_size: Train :math:`\eta` with the network (a parameter), or keep it fixed
+            at ``step_size`` (a buffer, not in ``parameters()``).
 
     Example:
         >>> import torch, implicitlayers as il
@@ -97,6 +99,7 @@ class DEGRADCell(nn.Module):
         clamp: tuple[float, float] | None = (-1.0, 1.0),
         residual_regularizer: bool = False,
         max_step_size: float | None = None,
+        learn_step_size: bool = True,
     ) -> None:
         super().__init__()
         if not callable(operator) or not callable(getattr(operator, "adjoint", None)):
@@ -108,6 +111,8 @@ class DEGRADCell(nn.Module):
             raise TypeError(f"regularizer must be an nn.Module or callable, got {regularizer!r}")
         if not isinstance(residual_regularizer, bool):
             raise TypeError(f"residual_regularizer must be a bool, got {residual_regularizer!r}")
+        if not isinstance(learn_step_size, bool):
+            raise TypeError(f"learn_step_size must be a bool, got {learn_step_size!r}")
         if max_step_size is not None:
             check_float("max_step_size", max_step_size, low=0.0, low_open=True)
             check_float(
@@ -124,7 +129,11 @@ class DEGRADCell(nn.Module):
         self.regularizer = regularizer
         self.residual_regularizer = residual_regularizer
         self.max_step_size = None if max_step_size is None else float(max_step_size)
-        self.raw_step_size = nn.Parameter(torch.tensor(float(raw)))
+        self.raw_step_size: Tensor
+        if learn_step_size:
+            self.raw_step_size = nn.Parameter(torch.tensor(float(raw)))
+        else:  # a buffer: saved in the state_dict and moved by .to(), never trained
+            self.register_buffer("raw_step_size", torch.tensor(float(raw)))
 
     @classmethod
     def contractive(
@@ -134,6 +143,7 @@ class DEGRADCell(nn.Module):
         *,
         step_size: float = 0.1,
         clamp: tuple[float, float] | None = (-1.0, 1.0),
+        learn_step_size: bool = True,
     ) -> DEGRADCell:
         r"""The provably contractive cell: :math:`R(x) = x - D(x)`,
         :math:`\operatorname{Lip}(D) < 1`, and :math:`\eta \in (0, 2/3)`.
@@ -147,6 +157,7 @@ class DEGRADCell(nn.Module):
             denoiser: A :class:`ContractiveDnCNN`.
             step_size: Initial :math:`\eta \in (0, 2/3)`.
             clamp: As in the constructor.
+            learn_step_size: As in the constructor.
 
         Example:
             >>> import torch
@@ -169,6 +180,7 @@ class DEGRADCell(nn.Module):
             clamp=clamp,
             residual_regularizer=True,
             max_step_size=CONTRACTIVE_MAX_STEP,
+            learn_step_size=learn_step_size,
         )
 
     @property

@@ -92,6 +92,22 @@ def test_step_size_stays_positive_after_a_step_that_pushes_it_negative(max_step_
         assert 0 < float(cell.step_size.detach()) <= max_step_size
 
 
+@pytest.mark.parametrize("max_step_size", [None, 2 / 3])
+def test_fixed_step_size_is_a_buffer_that_training_leaves_alone(max_step_size):
+    A, _, d = _problem()
+    cell = DEGRADCell(
+        A, Scale(), step_size=0.4, max_step_size=max_step_size, learn_step_size=False
+    ).double()
+    assert [name for name, _ in cell.named_parameters()] == ["regularizer.w"]
+    assert "raw_step_size" in cell.state_dict()
+    opt = torch.optim.SGD(cell.parameters(), lr=1.0)
+    cell(torch.zeros_like(d), d).square().sum().backward()
+    opt.step()
+    assert float(cell.step_size) == pytest.approx(0.4, rel=1e-6)
+    with pytest.raises(TypeError, match="learn_step_size must be a bool"):
+        DEGRADCell(A, Scale(), learn_step_size="no")
+
+
 def test_step_size_validation():
     A = GaussianBlur(channels=1)
     with pytest.raises(ValueError, match="step_size"):
