@@ -70,7 +70,9 @@ class DEGRADCell(nn.Module):
         regularizer: :math:`R_\theta` (or the denoiser :math:`D_\theta`), ``(B, C, H, W)`` to
             the same shape.
         step_size: Initial :math:`\eta > 0` (below ``max_step_size`` if that is given).
-        clamp: ``(low, high)`` data range the output is clamped to, or ``None``.
+        clamp: ``(low, high)`` data range the output is clamped to, or ``None``. Only
+            :math:`T`'s outputs are clamped: Anderson's and Broyden's iterates combine them
+            and may leave the range, so clamp a DEQ's output where the range matters.
         residual_regularizer: Use :math:`R(x) = x - D(x)` with ``regularizer`` as :math:`D`.
         max_step_size: Upper bound :math:`\eta_{\max}` of the step's parametrisation, or
             ``None`` for none.
