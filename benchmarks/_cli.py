@@ -26,7 +26,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "peers": ("peers", "Against torchdeq"),
     "dense": ("dense", "Dense Jacobian inversion versus matrix-free implicit backward"),
     "gpu": ("gpu", "GPU throughput (DE-GRAD 128x128)"),
-    "diagnostics": ("diagnostics", "Core diagnostics: proposed fixes measured"),
+    "sync": ("sync", "Host synchronisation: check_every and torch.compile"),
 }
 
 

@@ -98,6 +98,42 @@ class PerSampleContractionCell(nn.Module):
         return c.view(-1, 1, 1, 1) * torch.tanh(F.conv2d(z, self.weight, padding=1)) + x
 
 
+class ResidualBlockCell(nn.Module):
+    r"""An MDEQ-style residual block (Bai et al., 2020), the usual convolutional DEQ cell.
+
+    .. math::
+
+        f(z, x) = \mathrm{GN}_3\bigl(\mathrm{ReLU}\bigl(z + \mathrm{GN}_2(W_2 *
+            \mathrm{ReLU}(\mathrm{GN}_1(W_1 * z)) + x)\bigr)\bigr),
+
+    with 3x3 convolutions and GroupNorm (``groups`` groups, affine). Unlike
+    :class:`TanhConvCell`, one application saves several state-sized activations for backward
+    (two convolution inputs, three GroupNorm inputs, two ReLU outputs), as DEQ cells in the
+    literature do. Contractivity is not enforced; the memory suite forces the iteration count.
+
+    Args:
+        channels: Channels of :math:`z` and :math:`x`.
+        groups: GroupNorm groups.
+        seed: Seed of the random initialisation.
+    """
+
+    def __init__(self, channels: int, groups: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(groups, channels)
+        self.gn2 = nn.GroupNorm(groups, channels)
+        self.gn3 = nn.GroupNorm(groups, channels)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        """Apply the block."""
+        y = F.relu(self.gn1(self.conv1(z)))
+        y = self.gn2(self.conv2(y) + x)
+        out: Tensor = self.gn3(F.relu(z + y))
+        return out
+
+
 class Counted(nn.Module):
     """Wrap a cell to count its forward calls and the reverse passes through it.
 
@@ -271,3 +307,26 @@ def degrad_problem(
             "dim": 3 * size * size,
         },
     )
+
+
+def residual_block_problem(
+    *,
+    batch: int,
+    channels: int,
+    size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Problem:
+    """The MDEQ-style :class:`ResidualBlockCell` with a random injection ``x``."""
+    cell = ResidualBlockCell(channels, seed=seed).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, channels, size, size, generator=gen)
+    problem = Problem(
+        name=f"residual block {channels}x{size}x{size}",
+        cell=cell,
+        inputs=(x,),
+        z0=torch.zeros_like(x),
+        info={"family": "residual_block", "batch": batch, "channels": channels, "size": size},
+    )
+    return problem.to(device, dtype)

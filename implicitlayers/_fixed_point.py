@@ -53,6 +53,8 @@ def fixed_point(
             the sum of its samples' iterations rather than batch size times the slowest. Valid
             only when ``f`` treats samples independently (no batch norm in training mode) and
             every tensor input whose leading dimension equals ``B`` is batched along it.
+            The solve then also stops as soon as the last sample stops (``check_every`` does
+            not apply: it counts the running samples every iteration anyway).
 
     Returns:
         A :class:`~implicitlayers.SolverResult`; ``result.z`` holds the solution.
@@ -140,7 +142,10 @@ def _flat_map(
 
     def f_flat(z: Tensor, idx: Tensor | None) -> Tensor:
         args = inputs if idx is None else tuple(_select(x, idx, batch) for x in inputs)
-        with amp.user():
+        if amp.enabled:
+            with amp.user():
+                out = f(_tree.unflatten(z.to(dtype), spec), *args)
+        else:  # the common case, without a context manager's cost on every call
             out = f(_tree.unflatten(z.to(dtype), spec), *args)
         check_structure(out, spec)
         return _tree.flatten(out)

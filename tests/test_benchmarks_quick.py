@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ("solvers", "freezing", "backward", "memory", "peers", "dense", "gpu", "diagnostics")
+SUITES = ("solvers", "freezing", "backward", "memory", "peers", "dense", "gpu", "sync")
 ENV_FIELDS = ("date", "host", "cpu", "torch", "implicitlayers", "device", "torch_threads")
 
 pytestmark = pytest.mark.skipif(
@@ -113,6 +113,14 @@ def test_expected_measurement_fields(quick_run: Path) -> None:
     assert any(r["kind"] == "matrix_free" for r in dense)
     if suites["peers"]["status"] == "ok":
         assert any("time_ratio" in r for r in suites["peers"]["records"])
+    sync = [r for r in suites["sync"]["records"] if r["kind"] == "check_every"]
+    assert {r["check_every"] for r in sync} == {1, 4}
+    for key in {(r["problem"], r["solver"]) for r in sync}:
+        every, lazy = sorted(
+            (r for r in sync if (r["problem"], r["solver"]) == key), key=lambda r: r["check_every"]
+        )
+        # check_every is a functional property, not a speed: it must cut the host reads.
+        assert lazy["host_reads_accelerator_path"] < every["host_reads_accelerator_path"], key
 
 
 def test_acceptance_entries_are_well_formed(quick_run: Path) -> None:

@@ -210,3 +210,110 @@ def test_autocast_bookkeeping_stays_float32():
     assert seen[0] == torch.bfloat16  # f ran under autocast
     assert result.z.dtype == torch.float32 and result.residual.dtype == torch.float32
     assert result.converged.all()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+class _FullMemoryBroyden(il.Broyden):
+    """The former Broyden step: multiplies by every memory slot, masking the empty ones."""
+
+    def step_at(self, iteration, state, z, fz):
+        return self.step(state, z, fz)
+
+
+@pytest.mark.parametrize("memory", [3, 40])
+def test_broyden_multiplies_only_filled_slots_with_the_same_iterates(memory):
+    cell = ConvCell().double()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    z0 = torch.zeros(3, 3, 6, 6, dtype=torch.float64)
+    options = {"max_iter": 30, "atol": 0.0, "rtol": 1e-13, "memory": memory, "trace": True}
+    sliced = il.fixed_point(cell, z0, x, solver=il.Broyden(**options))
+    full = il.fixed_point(cell, z0, x, solver=_FullMemoryBroyden(**options))
+    assert sliced.n_f_evals == full.n_f_evals
+    assert torch.equal(sliced.status, full.status)
+    torch.testing.assert_close(sliced.trace, full.trace, atol=1e-14, rtol=1e-10)
+    torch.testing.assert_close(sliced.z, full.z, atol=1e-14, rtol=1e-12)
+
+
+def _mixed_batch_map(z, rates, target):
+    """Per-sample behaviour: rates < 1 converge, 1.5 has no fixed point, 0.99 turns NaN."""
+    out = target + rates[:, None] * (z - target)
+    out = torch.where(rates[:, None] == 1.5, z + 1 + z**2, out)
+    bad = (z.abs().sum(dim=1) > 1.5) & (rates == 0.99)
+    return torch.where(bad[:, None], float("nan"), out)
+
+
+@pytest.mark.parametrize("cls", [il.Picard, il.Anderson, il.Broyden], ids=IDS)
+@pytest.mark.parametrize("independent", [False, True])
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_loop_without_host_reads_matches_the_host_path(monkeypatch, cls, independent, check_every):
+    from implicitlayers.solvers import _loop
+
+    rates = torch.tensor([0.1, 0.5, 0.9, 1.5, 0.99], dtype=torch.float64)
+    target = torch.ones(5, 3, dtype=torch.float64)
+    solver = cls(
+        max_iter=25,
+        atol=0.0,
+        rtol=1e-9,
+        check_every=check_every,
+        divergence_ratio=20.0,
+        on_nonfinite="ignore",
+        trace=True,
+    )
+    z0 = torch.zeros(5, 3, dtype=torch.float64)
+
+    def solve():
+        return il.fixed_point(
+            _mixed_batch_map, z0, rates, target, solver=solver, independent_samples=independent
+        )
+
+    host = solve()
+    monkeypatch.setattr(_loop, "_HOST_FREE", ())
+    masked = solve()
+    assert len(set(host.status.tolist())) >= 3
+    assert torch.equal(host.status, masked.status)
+    assert torch.equal(host.n_steps, masked.n_steps)
+    assert host.n_f_evals == masked.n_f_evals
+    assert torch.equal(host.z, masked.z)
+    assert torch.equal(host.residual, masked.residual)
+    torch.testing.assert_close(host.trace, masked.trace, atol=0, rtol=0, equal_nan=True)
+    assert torch.isfinite(host.z).all()
+
+
+def test_result_never_aliases_z0():
+    z0 = torch.ones(2, 3)
+    result = il.fixed_point(lambda z: 0.5 * z, z0, solver=il.Picard(max_iter=1))
+    result.z.add_(1.0)
+    assert torch.equal(z0, torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("cls", [il.Picard, il.Anderson, il.Broyden], ids=IDS)
+def test_independent_samples_matches_the_dense_loop_on_every_output(cls):
+    rates = torch.tensor([0.1, 0.5, 0.9, 1.5, 0.99, 0.97], dtype=torch.float64)
+    target = torch.ones(6, 3, dtype=torch.float64)
+    solver = cls(max_iter=25, atol=0.0, rtol=1e-9, divergence_ratio=20.0, trace=True)
+    solver = dataclasses.replace(solver, on_nonfinite="ignore")
+    z0 = torch.zeros(6, 3, dtype=torch.float64)
+    dense = il.fixed_point(_mixed_batch_map, z0, rates, target, solver=solver)
+    sparse = il.fixed_point(
+        _mixed_batch_map, z0, rates, target, solver=solver, independent_samples=True
+    )
+    assert torch.equal(sparse.status, dense.status)
+    assert torch.equal(sparse.n_steps, dense.n_steps)
+    assert sparse.n_f_evals == dense.n_f_evals
+    torch.testing.assert_close(sparse.z, dense.z, atol=1e-12, rtol=0)
+    torch.testing.assert_close(sparse.residual, dense.residual, atol=1e-12, rtol=0)
+    torch.testing.assert_close(sparse.trace, dense.trace, atol=1e-12, rtol=0, equal_nan=True)
+    assert sparse.z.data_ptr() != z0.data_ptr()
+
+
+@pytest.mark.parametrize("mixing", [1.0, 0.5])
+def test_anderson_breakdown_takes_the_damped_picard_step(mixing):
+    solver = il.Anderson(history_size=2, regularization=0.0, mixing=mixing)
+    z = torch.randn(3, 4, dtype=torch.float64)
+    fz = torch.randn(3, 4, dtype=torch.float64)
+    _, state, breakdown = solver.step(solver.init(z), z, fz)
+    assert not breakdown.any()
+    # The same pair again: the Gram system is singular.
+    z_next, state, breakdown = solver.step(state, z, fz)
+    assert breakdown.all() and (state["count"] == 0).all()
+    torch.testing.assert_close(z_next, torch.lerp(z, fz, mixing), atol=1e-15, rtol=0)

@@ -8,7 +8,13 @@ import torch
 
 import implicitlayers as il
 
-from .._problems import Problem, Unavailable, degrad_problem, tanh_conv_problem
+from .._problems import (
+    Problem,
+    Unavailable,
+    degrad_problem,
+    residual_block_problem,
+    tanh_conv_problem,
+)
 from .._types import SuiteContext
 
 
@@ -31,6 +37,13 @@ def conv_layer(ctx: SuiteContext, dtype: torch.dtype = torch.float32) -> Problem
     if ctx.quick:
         return tanh_conv_problem(batch=2, channels=4, size=8, device=ctx.device, dtype=dtype)
     return tanh_conv_problem(batch=8, channels=32, size=32, device=ctx.device, dtype=dtype)
+
+
+def residual_block(ctx: SuiteContext, dtype: torch.dtype = torch.float32) -> Problem:
+    """An MDEQ-style residual block at the conv layer's sizes (tiny under ``--quick``)."""
+    if ctx.quick:
+        return residual_block_problem(batch=2, channels=8, size=8, device=ctx.device, dtype=dtype)
+    return residual_block_problem(batch=8, channels=32, size=32, device=ctx.device, dtype=dtype)
 
 
 def maybe_degrad(

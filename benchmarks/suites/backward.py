@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,33 +31,9 @@ TITLE = "Backward rules: cost in VJPs, memory, gradient accuracy"
 JFB_TARGET = 1.3
 
 
-@dataclass(frozen=True, kw_only=True, repr=False)
-class JFBWithoutInputGrad(il.JFB):
-    """Diagnostic only: JFB whose attached ``f`` call does not differentiate w.r.t. ``z``.
-
-    The library's ``AbstractBackward.attach`` marks the detached fixed point as requiring
-    grad for every rule, so JFB's backward also computes the (unused) gradient with respect
-    to ``z``. This variant measures what the proposed fix, not requiring grad on ``z`` when
-    ``uses_vjp`` is False, would save. It is not part of the acceptance figures.
-    """
-
-    def attach(
-        self,
-        f_flat: Callable[[Tensor], Tensor],
-        z_star: Tensor,
-        on_result: Callable[[il.SolverResult | None], None] | None = None,
-    ) -> Tensor:
-        with torch.enable_grad():
-            fz = f_flat(z_star.detach())
-        return z_star.detach().to(fz.dtype) + (fz - fz.detach())
-
-
 def _rules(quick: bool) -> dict[str, il.AbstractBackward]:
     adjoint: dict[str, Any] = {"max_iter": 100, "atol": 0.0, "rtol": 1e-5}
-    rules: dict[str, il.AbstractBackward] = {
-        "JFB": il.JFB(),
-        "JFB, no z-grad (proposed fix)": JFBWithoutInputGrad(),
-    }
+    rules: dict[str, il.AbstractBackward] = {"JFB": il.JFB()}
     for k in (1, 2) if quick else (1, 2, 5, 10):
         rules[f"Neumann(k={k})"] = il.Neumann(terms=k)
     rules["Implicit(Picard)"] = il.ImplicitDifferentiation(solver=il.Picard(**adjoint))

@@ -80,7 +80,23 @@ class AbstractBackward(abc.ABC):
             if self.uses_vjp:
                 fz = _ReplaceGradient.apply(fz, z_in, self, on_result)  # type: ignore[no-untyped-call]
         # Exactly z_star in value; the gradient flows through the one application of f.
-        return z_star.detach().to(fz.dtype) + (fz - fz.detach())
+        out: Tensor = _ValueOfFirst.apply(z_star.detach(), fz)  # type: ignore[no-untyped-call]
+        return out
+
+
+class _ValueOfFirst(torch.autograd.Function):
+    """``z* + (f(z*) - f(z*).detach())`` without its two state-sized temporaries.
+
+    Returns a copy of ``z`` in ``fz``'s dtype; the gradient passes to ``fz`` unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, fz: Tensor) -> Tensor:
+        return z.to(fz.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
 
 
 class _ReplaceGradient(torch.autograd.Function):

@@ -84,6 +84,7 @@ class Anderson(AbstractSolver):
         G[rows, slot] = g
         # One pass over the history per step: the new residual against every stored one.
         products = torch.bmm(G, g[:, :, None]).squeeze(2)
+        del g  # one state fewer alive while the mix below allocates the next iterate
         gram[rows, slot, :] = products
         gram[rows, :, slot] = products
         count = count + 1
@@ -100,12 +101,13 @@ class Anderson(AbstractSolver):
         solution, info = torch.linalg.solve_ex(system, rhs)
         alpha = solution[:, 1:]
         ok = (info == 0) & torch.isfinite(alpha).all(dim=1)
-        alpha = torch.where(ok[:, None] & valid, alpha, 0.0)[:, None, :]
+        # A broken-down sample puts weight 1 on its newest pair, which mixes to the damped
+        # Picard step beta f(z) + (1 - beta) z: no separate full-state pass for the fallback.
+        newest = torch.nn.functional.one_hot(slot, m).to(alpha.dtype)
+        alpha = torch.where(ok[:, None], torch.where(valid, alpha, 0.0), newest)[:, None, :]
         # sum_i alpha_i (beta f(z_i) + (1 - beta) z_i) = sum_i alpha_i (f(z_i) - (1 - beta) g_i)
         z_next = torch.bmm(alpha, F).squeeze(1)
         if self.mixing != 1.0:
             z_next = z_next - (1.0 - self.mixing) * torch.bmm(alpha, G).squeeze(1)
-        picard = torch.lerp(z, fz, self.mixing)
-        z_next = torch.where(ok[:, None], z_next, picard)
         count = torch.where(ok, count, 0)
         return z_next, {"F": F, "G": G, "gram": gram, "count": count}, ~ok

@@ -106,3 +106,21 @@ class AbstractSolver(abc.ABC):
             ``(B,)`` bool tensor marking samples whose internal system broke down this step
             (their memory should already be restarted).
         """
+
+    def step_at(
+        self, iteration: int, state: SolverState, z: Tensor, fz: Tensor
+    ) -> tuple[Tensor, SolverState, Tensor]:
+        """:meth:`step`, told how many steps the driver loop has taken before this one.
+
+        The driver loop calls this; the default ignores ``iteration``. A solver whose memory
+        fills at most one slot per step can override it to skip the unfilled slots without
+        reading its state on the host (a synchronisation on CUDA).
+
+        Args:
+            iteration: Steps taken before this one (``0`` for the first); no sample has taken
+                more.
+            state: As in :meth:`step`.
+            z: As in :meth:`step`.
+            fz: As in :meth:`step`.
+        """
+        return self.step(state, z, fz)

@@ -28,9 +28,11 @@ class Broyden(AbstractSolver):
 
     with :math:`\Delta z = z_{k+1} - z_k`, :math:`\Delta g = g(z_{k+1}) - g(z_k)`
     (Sherman-Morrison form). At most ``memory`` pairs :math:`(u_i, v_i)` are kept,
-    so memory is two ``(B, memory, n)`` buffers whatever ``max_iter`` is; when it is full the
-    approximation restarts from :math:`-I` (overwriting the oldest update instead breaks the
-    secant conditions of the newer ones and can diverge).
+    so memory is two ``(B, memory, n)`` buffers whatever ``max_iter`` is; each step multiplies
+    only by the slots filled so far, so a large ``memory`` costs time only as it fills (the
+    driver loop passes the step count, so this needs no host synchronisation). When it is full
+    the approximation restarts from :math:`-I` (overwriting the oldest update instead breaks
+    the secant conditions of the newer ones and can diverge).
     A vanishing denominator restarts the sample's memory (reported as ``Status.BREAKDOWN`` if
     the sample then ends unconverged). Also takes the shared options of
     :class:`~implicitlayers.solvers.AbstractSolver`.
@@ -64,17 +66,32 @@ class Broyden(AbstractSolver):
         }
 
     def step(self, state: SolverState, z: Tensor, fz: Tensor) -> tuple[Tensor, SolverState, Tensor]:
+        return self._step(state, z, fz, self.memory)
+
+    def step_at(
+        self, iteration: int, state: SolverState, z: Tensor, fz: Tensor
+    ) -> tuple[Tensor, SolverState, Tensor]:
+        # At most one update is stored per step, so only the first `iteration` slots can be
+        # filled: multiplying by those alone gives the same iterates at a fraction of the cost
+        # while the memory fills (memory=100 would otherwise cost 100 slots from the start).
+        return self._step(state, z, fz, min(iteration, self.memory))
+
+    def _step(
+        self, state: SolverState, z: Tensor, fz: Tensor, used: int
+    ) -> tuple[Tensor, SolverState, Tensor]:
+        """One step that multiplies only by the first ``used`` memory slots."""
         U, V, count = state["U"], state["V"], state["count"]
         has_prev, dz = state["has_prev"], state["dz"]
         batch, m = U.shape[0], self.memory
         rows = torch.arange(batch, device=z.device)
         g = fz - z
         dg = g - state["g_prev"]
-        valid = torch.arange(m, device=z.device)[None, :] < count.clamp(max=m)[:, None]
+        U_used, V_used = U[:, :used], V[:, :used]
+        valid = torch.arange(used, device=z.device)[None, :] < count[:, None]
         # Two products with the memory per step instead of three: since the previous step was
         # dz = -H g_prev, H dg = H g + dz, so u = (dz - H dg) / (v . dg) = -H g / (v . dg).
-        hg = _matvec(U, V, valid, g)
-        v = _rmatvec(U, V, valid, dz)
+        hg = _matvec(U_used, V_used, valid, g)
+        v = _rmatvec(U_used, V_used, valid, dz)
         denom = (v * dg).sum(dim=1)
         u = -hg / denom[:, None]
         size = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
