@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,6 +36,41 @@ class LoopOutput:
     residual: Tensor
     n_f_evals: int
     trace: Tensor | None
+
+
+class _Check(NamedTuple):
+    """One iteration's residuals and stopping test, row by row."""
+
+    res: Tensor
+    finite: Tensor
+    converged: Tensor
+    stop: Tensor
+    first_res: Tensor
+
+    def code(self) -> Tensor:
+        """The status of a stopping row: converged, else non-finite, else diverged."""
+        return torch.where(
+            self.converged, _SUCCESS, torch.where(self.finite, _DIVERGED, _NONFINITE)
+        )
+
+
+def _check(solver: AbstractSolver, k: int, z: Tensor, fz: Tensor, first_res: Tensor) -> _Check:
+    r"""Residuals :math:`\|f(z) - z\|` and which rows stop at iteration ``k``.
+
+    A row converges when its residual is at most ``atol + rtol * ||f(z)||``; it stops when it
+    converged, is not finite, or (after the first iteration) exceeds ``divergence_ratio``
+    times its first residual. ``first_res`` is set at ``k == 0`` and passed through after.
+    """
+    res = torch.linalg.vector_norm(fz - z, dim=1)
+    finite = torch.isfinite(res)
+    bound = torch.linalg.vector_norm(fz, dim=1).mul_(solver.rtol).add_(solver.atol)
+    converged = finite & (res <= bound)
+    stop = ~finite | converged
+    if k == 0:
+        first_res = torch.where(finite, res, 0.0)
+    elif solver.divergence_ratio is not None:
+        stop |= finite & (res > solver.divergence_ratio * first_res)
+    return _Check(res, finite, converged, stop, first_res)
 
 
 def run_loop(
@@ -75,15 +111,8 @@ def run_loop(
     for k in range(solver.max_iter):
         fz = f(z, None).to(z.dtype)
         n_f_evals += 1
-        res = torch.linalg.vector_norm(fz - z, dim=1)
-        finite = torch.isfinite(res)
-        bound = torch.linalg.vector_norm(fz, dim=1).mul_(solver.rtol).add_(solver.atol)
-        converged = finite & (res <= bound)
-        stop = ~finite | converged
-        if k == 0:
-            first_res = torch.where(finite, res, 0.0)
-        elif solver.divergence_ratio is not None:
-            stop |= finite & (res > solver.divergence_ratio * first_res)
+        test = _check(solver, k, z, fz, first_res)
+        res, finite, converged, stop, first_res = test
         # Track the best iterate; a converging iterate always wins.
         better = finite & ((res < best_res) | converged)
         synced = (k + 1) % solver.check_every == 0
@@ -102,10 +131,7 @@ def run_loop(
             best_res = torch.where(better, res, best_res)
             n_steps += active
             last_res = torch.where(active, res, last_res)
-            # Stopping reasons are exclusive: converged, else non-finite, else diverged.
-            newly = active & stop
-            code = torch.where(converged, _SUCCESS, torch.where(finite, _DIVERGED, _NONFINITE))
-            status = torch.where(newly, code, status)
+            status = torch.where(active & stop, test.code(), status)
             active = active & ~stop
             if host_free or synced:
                 # Samples whose best iterate is their current one: those that improved, and
@@ -168,15 +194,8 @@ def _run_compacted(f: FlatMap, z0: Tensor, solver: AbstractSolver) -> LoopOutput
     for k in range(solver.max_iter):
         fz = f(z, None if len(idx) == batch else idx).to(z.dtype)
         n_f_evals += 1
-        res = torch.linalg.vector_norm(fz - z, dim=1)
-        finite = torch.isfinite(res)
-        bound = torch.linalg.vector_norm(fz, dim=1).mul_(solver.rtol).add_(solver.atol)
-        converged = finite & (res <= bound)
-        stop = ~finite | converged
-        if k == 0:
-            row_first_res = torch.where(finite, res, 0.0)
-        elif solver.divergence_ratio is not None:
-            stop |= finite & (res > solver.divergence_ratio * row_first_res)
+        test = _check(solver, k, z, fz, row_first_res)
+        res, finite, converged, stop, row_first_res = test
         better = finite & ((res < row_best_res) | converged)
         row_best_res = torch.where(better, res, row_best_res)
         n_stopped, n_worse = torch.stack((stop.sum(), (~better).sum())).tolist()
@@ -189,8 +208,7 @@ def _run_compacted(f: FlatMap, z0: Tensor, solver: AbstractSolver) -> LoopOutput
         if n_stopped or last:
             done = stop if not last else torch.ones_like(stop)
             rows = idx[done]
-            code = torch.where(converged, _SUCCESS, torch.where(finite, _DIVERGED, _NONFINITE))
-            status[rows] = torch.where(stop, code, int(Status.MAX_ITER))[done]
+            status[rows] = torch.where(stop, test.code(), int(Status.MAX_ITER))[done]
             best_z[rows] = row_best_z[done]
             best_res[rows] = row_best_res[done]
             broke[rows] = row_broke[done]
