@@ -6,7 +6,7 @@ import argparse
 import math
 from typing import Any
 
-from .config import BACKWARDS, DEVICES, INITS, PRESETS, SOLVERS, SPLITS, RunConfig
+from .config import BACKWARDS, CELLS, DEVICES, INITS, PRESETS, SOLVERS, SPLITS, RunConfig
 
 __all__ = ["COMMANDS", "DEFAULT_OUTPUT_DIR", "build_parser", "config_overrides", "parse_args"]
 
@@ -146,6 +146,22 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--noise-std", type=float, default=S, help="noise std on [-1, 1] pixels" + _g(0.01)
     )
     net = p.add_argument_group("network")
+    net.add_argument(
+        "--cell",
+        choices=CELLS,
+        default=S,
+        help="standard: D a residual DnCNN; contractive: D a ContractiveDnCNN with "
+        "Lip(D) <= --lipschitz and eta < 2/3, so Lip(T) <= 1 - eta (1 - Lip(D)) < 1 (a preset "
+        "step of 2/3 or more becomes 0.5 unless --step-size is given; no batch or spectral "
+        "norm)" + _g(_DEFAULTS.cell),
+    )
+    net.add_argument(
+        "--lipschitz",
+        type=float,
+        default=S,
+        help="Lipschitz scale s in (0, 1) of the contractive denoiser, Lip(D) ~ s"
+        + _g(_DEFAULTS.lipschitz),
+    )
     net.add_argument(
         "--depth", type=int, default=S, help="DnCNN convolutions" + _g("6 demo, 8 small, 17 paper")
     )

@@ -18,6 +18,7 @@ from .config import resolve_config
 from .data import make_splits
 from .evaluation import evaluate_model, write_results
 from .figures import budget_curve, loss_curves, reconstruction_grid
+from .model import DeGrad
 from .restore import restore_file
 from .resume import resolve_resume
 from .runlog import configure_console, read_jsonl
@@ -65,11 +66,20 @@ def run_train(args: argparse.Namespace, stop: StopFlag | None = None) -> int:
         data = make_splits(config)
         logger.info("output directory: %s", out_dir.resolve())
         logger.info("data: %s", data.description)
+        if config.cell == "contractive":
+            network = (
+                f"contractive cell (ContractiveDnCNN {config.depth}x{config.width}, "
+                f"Lip(D) scale {config.lipschitz:g}, eta < 2/3)"
+            )
+        else:
+            network = (
+                f"DnCNN {config.depth}x{config.width} (batch norm {config.batch_norm}, "
+                f"spectral norm {config.spectral_norm})"
+            )
         logger.info(
-            "model: DE-GRAD, DnCNN %dx%d (batch norm %s, spectral norm %s), eta0 %g, blur %dx%d "
-            "std %g, noise %g; solver %s (rtol %g, max_iter %d); backward %s; %d process(es) on %s",
-            config.depth, config.width, config.batch_norm, config.spectral_norm,
-            config.step_size, config.kernel_size, config.kernel_size, config.blur_std,
+            "model: DE-GRAD, %s, eta0 %g, blur %dx%d std %g, noise %g; solver %s (rtol %g, "
+            "max_iter %d); backward %s; %d process(es) on %s",
+            network, config.step_size, config.kernel_size, config.kernel_size, config.blur_std,
             config.noise_std, config.solver, config.rtol, config.max_iter, config.backward,
             ctx.world_size, ctx.device,
         )  # fmt: skip
@@ -131,6 +141,7 @@ def evaluate_checkpoint(
     config.validate()
     data = make_splits(config)
     evaluation = evaluate_model(model, config, data.test, device, progress_bars=progress_bars)
+    lipschitz = _lipschitz_report(model, evaluation.samples, device)
     report = write_results(
         evaluation,
         config,
@@ -142,6 +153,7 @@ def evaluate_checkpoint(
             "trained_steps": saved["progress"]["global_step"],
             "training_seconds": saved["progress"]["seconds"],
             "step_size": model.step_size(),
+            **lipschitz,
         },
     )
     reconstruction_grid(evaluation.samples, out_dir / "reconstructions.png", config.backward)
@@ -157,6 +169,18 @@ def evaluate_checkpoint(
         print((out_dir / "results.md").read_text(), flush=True)
         print(f"results and figures written to {out_dir.resolve()}", flush=True)
     return report
+
+
+def _lipschitz_report(
+    model: DeGrad, samples: dict[str, list[torch.Tensor]], device: torch.device
+) -> dict[str, Any]:
+    """The cell's certified Lipschitz bound (contractive cell) and a power-iteration
+    estimate at the fixed points of the figure's test images (a handful: cheap)."""
+    if not samples["d"]:
+        return model.lipschitz_report()
+    d = torch.stack(samples["d"]).to(device)
+    x_hat = torch.stack(samples["x_hat"]).to(device)
+    return model.lipschitz_report(d, x_hat)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -193,6 +217,11 @@ def run_restore(args: argparse.Namespace) -> int:
         f"{summary['seconds']:.2f} s, {summary['iterations']} iterations "
         f"({'converged' if summary['converged'] else 'NOT converged: raise --max-iter'})"
     )
+    if summary.get("lipschitz_bound") is not None:
+        print(
+            f"  contractive cell: certified Lip(T) <= {summary['lipschitz_bound']:.4f} "
+            f"(denoiser calibrated for {size})"
+        )
     if args.simulate:
         for name in ("measurement", "tikhonov_cg", "degrad"):
             row = summary[name]

@@ -69,7 +69,7 @@ from .compare_training import (
     steps_per_epoch,
     train_rules,
 )
-from .config import PRESETS, SOLVERS, ConfigError, RunConfig, resolve_config
+from .config import CELLS, PRESETS, SOLVERS, ConfigError, RunConfig, resolve_config
 from .data import DataSplits, make_splits
 from .evaluation import PAPER_TABLE
 from .measure import measure, noise_seed
@@ -132,6 +132,15 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     meas.add_argument("--blur-std", type=float, default=S, help="blur std (default: 5.0)")
     meas.add_argument("--noise-std", type=float, default=S, help="noise std (default: 0.01)")
     net = p.add_argument_group("network and training (shared by every backward rule)")
+    net.add_argument(
+        "--cell",
+        choices=CELLS,
+        default=S,
+        help="DE-GRAD cell: standard, or contractive (ContractiveDnCNN, eta < 2/3)",
+    )
+    net.add_argument(
+        "--lipschitz", type=float, default=S, help="contractive denoiser's Lipschitz scale"
+    )
     net.add_argument("--depth", type=int, default=S, help="DnCNN convolutions")
     net.add_argument("--width", type=int, default=S, help="DnCNN channels")
     for flag, what in (("batch-norm", "batch norm"), ("spectral-norm", "spectral norm")):
@@ -351,9 +360,15 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         "splits": splits,
         "measurement_model": f"{config.kernel_size}x{config.kernel_size} Gaussian blur, std "
         f"{config.blur_std:g} (zero padding); noise std {config.noise_std:g} on [-1, 1] pixels",
-        "training": f"DnCNN {config.depth}x{config.width} (batch norm "
-        f"{'on' if config.batch_norm else 'off'}, spectral norm "
-        f"{'on' if config.spectral_norm else 'off'}), pretraining noise std up to "
+        "training": (
+            f"contractive cell, ContractiveDnCNN {config.depth}x{config.width} "
+            f"(Lip(D) scale {config.lipschitz:g}), eta0 {config.step_size:g}"
+            if config.cell == "contractive"
+            else f"DnCNN {config.depth}x{config.width} (batch norm "
+            f"{'on' if config.batch_norm else 'off'}, spectral norm "
+            f"{'on' if config.spectral_norm else 'off'})"
+        )
+        + ", pretraining noise std up to "
         f"{config.pretrain_sigma_max:g}, "
         f"{config.pretrain_steps} pretraining steps, then {config.epochs} epochs x {steps} "
         f"steps of {config.batch_size} images, Adam lr {config.lr:g} (cosine), {config.solver} "

@@ -14,6 +14,9 @@ from typing import Any
 
 __all__ = [
     "BACKWARDS",
+    "CELLS",
+    "CONTRACTIVE_DEFAULT_STEP",
+    "CONTRACTIVE_MAX_STEP",
     "PRESETS",
     "SOLVERS",
     "ConfigError",
@@ -26,6 +29,12 @@ BACKWARDS = ("jfb", "neumann", "implicit")
 SPLITS = ("auto", "official", "seed")
 INITS = ("adjoint", "cg")
 DEVICES = ("auto", "cpu", "cuda")
+CELLS = ("standard", "contractive")
+#: The contractive cell is a proven contraction only for step sizes below 2/3.
+CONTRACTIVE_MAX_STEP = 2.0 / 3.0
+#: The step the contractive cell starts from when the preset's is too large for it and
+#: ``--step-size`` was not given.
+CONTRACTIVE_DEFAULT_STEP = 0.5
 
 
 class ConfigError(ValueError):
@@ -60,7 +69,10 @@ class RunConfig:
     kernel_size: int = 5
     blur_std: float = 5.0
     noise_std: float = 0.01
-    # Network: R = I - D with D a DnCNN denoiser.
+    # Network: R = I - D with D a DnCNN denoiser ("standard": residual DnCNN; "contractive":
+    # ContractiveDnCNN with Lip(D) <= lipschitz, so Lip(T) <= 1 - eta (1 - Lip(D)) < 1).
+    cell: str = "standard"
+    lipschitz: float = 0.9
     depth: int = 6
     width: int = 32
     batch_norm: bool = False
@@ -123,6 +135,7 @@ class RunConfig:
         _choice("--init", self.init, INITS)
         _choice("--device", self.device, DEVICES)
         _choice("--preset", self.preset, tuple(PRESETS))
+        _choice("--cell", self.cell, CELLS)
         for flag, value, low in (
             ("--image-size", self.image_size, 8),
             ("--kernel-size", self.kernel_size, 1),
@@ -188,10 +201,39 @@ class RunConfig:
                 f"--builtin-scale must be in (0, 1] (it downscales the photographs), "
                 f"got {self.builtin_scale}"
             )
+        if not (
+            isinstance(self.lipschitz, int | float)
+            and not isinstance(self.lipschitz, bool)
+            and 0 < self.lipschitz < 1
+        ):
+            raise ConfigError(
+                f"--lipschitz must be in (0, 1) (the contractive denoiser's Lipschitz scale), "
+                f"got {self.lipschitz!r}; use e.g. --lipschitz 0.9"
+            )
+        if self.cell == "contractive":
+            self._validate_contractive()
         if not self.budgets or any(not isinstance(b, int) or b < 1 for b in self.budgets):
             raise ConfigError(
                 f"--budgets must be positive integers, e.g. --budgets 1 2 5 10, got {self.budgets}"
             )
+
+    def _validate_contractive(self) -> None:
+        if self.step_size >= CONTRACTIVE_MAX_STEP:
+            raise ConfigError(
+                f"--step-size must be below 2/3 with --cell contractive, got {self.step_size!r}; "
+                f"use e.g. --step-size {CONTRACTIVE_DEFAULT_STEP:g} (or leave --step-size out: "
+                f"the contractive cell then starts from {CONTRACTIVE_DEFAULT_STEP:g})"
+            )
+        for flag, value in (
+            ("--batch-norm", self.batch_norm),
+            ("--spectral-norm", self.spectral_norm),
+        ):
+            if value:
+                raise ConfigError(
+                    f"{flag} does not apply to --cell contractive (its ContractiveDnCNN has no "
+                    "batch norm and normalises every convolution by its exact operator norm); "
+                    f"drop {flag}"
+                )
 
 
 def _choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
@@ -279,6 +321,30 @@ def resolve_config(preset: str | None, overrides: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown configuration keys {unknown}")
+    if values.get("cell", RunConfig.cell) == "contractive":
+        _contractive_preset(values, overrides)
+    elif overrides.get("lipschitz", RunConfig.lipschitz) != RunConfig.lipschitz:
+        raise ConfigError(
+            "--lipschitz applies only to --cell contractive (the standard DnCNN has no "
+            "Lipschitz bound); add --cell contractive or drop --lipschitz"
+        )
     config = RunConfig(**values)
     config.validate()
     return config
+
+
+def _contractive_preset(values: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Adapt preset values, never explicit flags, to ``--cell contractive``.
+
+    A preset's step size of 2/3 or more (``demo`` 0.8, ``small`` 1.0) becomes
+    :data:`CONTRACTIVE_DEFAULT_STEP`, and a preset's batch norm and spectral norm
+    (``paper``) are turned off: the contractive DnCNN has neither. Explicit
+    ``--step-size``, ``--batch-norm`` or ``--spectral-norm`` values are kept, so that
+    :meth:`RunConfig.validate` rejects invalid ones with a message naming the flag.
+    """
+    step = values.get("step_size", RunConfig.step_size)
+    if "step_size" not in overrides and step >= CONTRACTIVE_MAX_STEP:
+        values["step_size"] = CONTRACTIVE_DEFAULT_STEP
+    for key in ("batch_norm", "spectral_norm"):
+        if key not in overrides:
+            values[key] = False

@@ -210,6 +210,36 @@ def write_results(
     return report
 
 
+def _lipschitz_lines(report: dict[str, Any]) -> list[str]:
+    """The Lipschitz paragraph of ``results.md`` (nothing for reports that predate it)."""
+    lines = []
+    bound = report.get("lipschitz_bound")
+    if bound is not None:
+        size = report.get("lipschitz_size") or ["?", "?"]
+        verdict = (
+            "a contraction: a unique fixed point for every measurement."
+            if bound < 1
+            else "NOT below 1, so no contraction is certified (the layers' power-iteration "
+            "norm estimates lag the trained weights)."
+        )
+        lines += [
+            "",
+            f"Contractive cell: certified Lip(T) <= **{bound:.4f}** "
+            f"(= 1 - eta (1 - Lip(D)) with eta {report.get('step_size', float('nan')):.4f} and "
+            f"Lip(D) <= {report['denoiser_lipschitz_bound']:.4f}, for "
+            f"{size[0]}x{size[1]} images): {verdict}",
+        ]
+    estimate = report.get("lipschitz_estimate")
+    if estimate is not None:
+        lines += [
+            "",
+            f"Power-iteration estimate of Lip(T) at the fixed points of "
+            f"{report.get('lipschitz_estimate_images')} test images: {estimate:.4f} "
+            "(a lower bound of the global constant).",
+        ]
+    return lines
+
+
 def results_markdown(report: dict[str, Any]) -> str:
     """The results as a Markdown document."""
     table = report["table"]
@@ -246,6 +276,7 @@ def results_markdown(report: dict[str, Any]) -> str:
         f"Forward iterations per image: mean {iters['mean']:.1f}, median {iters['median']}, "
         f"max {iters['max']}; converged to tolerance: {100 * iters['converged_fraction']:.1f}%."
         + (f" Throughput: {rate:.1f} images/s." if rate else ""),
+        *_lipschitz_lines(report),
         "",
         "## PSNR (standard convention) against the test-time iteration budget",
         "",

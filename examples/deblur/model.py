@@ -12,6 +12,14 @@ in the iteration: at the fixed point :math:`R(x^\star) = -A^\top (A x^\star - d)
 data-consistency correction, and :math:`R` vanishes on clean images, which is exactly what a
 denoiser's residual does. (The JFB paper's code pretrained :math:`R` itself to output clean
 images, the opposite of its role.)
+
+With ``--cell contractive`` :math:`D` is instead a
+:class:`~implicitlayers.imaging.ContractiveDnCNN` (a plain denoiser with a certified
+:math:`\operatorname{Lip}(D) < 1`) and the cell is
+:meth:`DEGRADCell.contractive <implicitlayers.imaging.DEGRADCell.contractive>`, with
+:math:`\eta < 2/3`, so that :math:`\operatorname{Lip}(T) \le 1 - \eta (1 -
+\operatorname{Lip}(D)) < 1`: a unique fixed point for every measurement, reached by Picard
+iteration from any start.
 """
 
 from __future__ import annotations
@@ -24,7 +32,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import implicitlayers as il
-from implicitlayers.imaging import DEGRADCell, DnCNN, GaussianBlur, tikhonov_cg
+from implicitlayers.imaging import (
+    ContractiveDnCNN,
+    DEGRADCell,
+    DnCNN,
+    GaussianBlur,
+    NormalizedConv2d,
+    estimate_lipschitz,
+    tikhonov_cg,
+)
 
 from .config import RunConfig
 
@@ -94,13 +110,14 @@ class DeGrad(nn.Module):
     r"""DE-GRAD for deblurring: the fixed point of :math:`T(\cdot\,; d)` as a DEQ.
 
     Args:
-        config: Measurement model (``kernel_size``, ``blur_std``), network (``depth``,
-            ``width``, ``batch_norm``, ``spectral_norm``, ``step_size``), initial point
-            (``init``), solver and backward rule.
+        config: Measurement model (``kernel_size``, ``blur_std``), network (``cell``,
+            ``depth``, ``width``, ``batch_norm``, ``spectral_norm``, ``lipschitz``,
+            ``step_size``, ``image_size``), initial point (``init``), solver and backward rule.
 
     Attributes:
         operator: The blur :math:`A`.
-        denoiser: :math:`D = I - N`, pretrained as a denoiser.
+        denoiser: :math:`D`, pretrained as a denoiser: :math:`D = I - N` with the standard
+            cell, a :class:`~implicitlayers.imaging.ContractiveDnCNN` with the contractive one.
         cell: The DE-GRAD map :math:`T`.
         deq: The :class:`implicitlayers.DEQ` around ``cell``.
     """
@@ -110,21 +127,35 @@ class DeGrad(nn.Module):
         self.config = config
         self.init = config.init
         self.operator = GaussianBlur(kernel_size=config.kernel_size, std=config.blur_std)
-        net = DnCNN(
-            channels=3,
-            depth=config.depth,
-            width=config.width,
-            batch_norm=config.batch_norm,
-            spectral_norm=config.spectral_norm,
-        )
-        self.denoiser = ResidualDenoiser(net)
-        self.cell = DEGRADCell(
-            self.operator,
-            self.denoiser,
-            step_size=config.step_size,
-            clamp=(-1.0, 1.0),
-            residual_regularizer=True,
-        )
+        self.denoiser: nn.Module
+        if config.cell == "contractive":
+            contractive = ContractiveDnCNN(
+                channels=3,
+                depth=config.depth,
+                width=config.width,
+                lipschitz=config.lipschitz,
+                input_size=(config.image_size, config.image_size),
+            )
+            self.denoiser = contractive
+            self.cell = DEGRADCell.contractive(
+                self.operator, contractive, step_size=config.step_size, clamp=(-1.0, 1.0)
+            )
+        else:
+            net = DnCNN(
+                channels=3,
+                depth=config.depth,
+                width=config.width,
+                batch_norm=config.batch_norm,
+                spectral_norm=config.spectral_norm,
+            )
+            self.denoiser = ResidualDenoiser(net)
+            self.cell = DEGRADCell(
+                self.operator,
+                self.denoiser,
+                step_size=config.step_size,
+                clamp=(-1.0, 1.0),
+                residual_regularizer=True,
+            )
         # The DEQ always runs the cell in eval mode (see refresh_spectral_norm), so the cell
         # treats samples independently and converged samples can stop early.
         self.deq = il.DEQ(
@@ -157,6 +188,11 @@ class DeGrad(nn.Module):
         # range by up to the residual; project it (gradients pass where it is inside).
         return il.DEQOutput(z.clamp(-1.0, 1.0), result)
 
+    @property
+    def contractive(self) -> bool:
+        """Whether the cell is the provably contractive one (``--cell contractive``)."""
+        return self.config.cell == "contractive"
+
     def refresh_spectral_norm(self) -> None:
         """Advance every spectral-norm power iteration by one step (no autograd).
 
@@ -164,11 +200,17 @@ class DeGrad(nn.Module):
         running statistics (a batch-statistics map would couple the samples and differ from
         the test-time map) and the spectral-norm estimates stay fixed while the solver
         iterates (torch's parametrization otherwise updates them on every call of the cell).
-        Calling this once per optimizer step keeps the estimates tracking the weights.
+        Calling this once per optimizer step keeps the estimates tracking the weights. The
+        contractive DnCNN's :class:`~implicitlayers.imaging.NormalizedConv2d` layers likewise
+        advance their power iterations only in training mode, so they get their steps here.
         """
         with torch.no_grad():
             for module in self.denoiser.modules():
-                if parametrize.is_parametrized(module, "weight"):
+                if isinstance(module, NormalizedConv2d):
+                    size = module.input_size
+                    if size is not None and module.power_iterations > 0:
+                        module.calibrate(size, module.power_iterations)
+                elif parametrize.is_parametrized(module, "weight"):
                     parametrization = module.parametrizations["weight"]
                     was_training = parametrization.training
                     parametrization.train()
@@ -179,6 +221,73 @@ class DeGrad(nn.Module):
         r"""The current :math:`\eta`."""
         value = self.cell.step_size
         return float(value.detach()) if isinstance(value, Tensor) else float(value)
+
+    def calibrate(self, size: tuple[int, int]) -> None:
+        """Calibrate a contractive denoiser for ``(H, W)`` images (no-op otherwise).
+
+        :class:`~implicitlayers.imaging.ContractiveDnCNN` normalises each convolution by a
+        power-iteration estimate of its norm *at the input size*, and re-calibrates on the
+        first input of a new size from a random vector. Doing it here, with the random
+        vector drawn from a generator seeded by ``config.seed`` (the global one is left
+        alone), makes restoring an image of another size deterministic.
+        """
+        if not self.contractive:
+            return
+        denoiser = self.denoiser
+        assert isinstance(denoiser, ContractiveDnCNN)
+        if all(conv.input_size == tuple(size) for conv in denoiser.convs()):
+            return
+        device = next(denoiser.parameters()).device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed)
+            denoiser.calibrate(size)
+
+    def lipschitz_report(
+        self, d: Tensor | None = None, x: Tensor | None = None, iters: int = 50
+    ) -> dict[str, Any]:
+        r"""Lipschitz figures of :math:`T(\cdot\,; d)`, for ``results.json``.
+
+        Args:
+            d: A few measurements, ``(B, 3, H, W)``, for the power-iteration estimate.
+            x: Where to estimate the local Lipschitz constant (their reconstructions, the
+                fixed points); both or neither.
+            iters: Power iterations of the estimate.
+
+        Returns:
+            ``lipschitz_bound`` (the certified :math:`1 - \eta (1 - \operatorname{Lip}(D))`
+            of the contractive cell, at the denoiser's calibrated size ``lipschitz_size``;
+            ``None`` for the standard cell, which has no guarantee),
+            ``denoiser_lipschitz_bound``, and ``lipschitz_estimate``: the largest per-image
+            :func:`~implicitlayers.imaging.estimate_lipschitz` of :math:`T` at ``x`` (a lower
+            bound of :math:`\operatorname{Lip}(T)`, for both cells; ``None`` without ``d``).
+        """
+        report: dict[str, Any] = {
+            "cell": self.config.cell,
+            "lipschitz_bound": None,
+            "denoiser_lipschitz_bound": None,
+            "lipschitz_size": None,
+            "lipschitz_estimate": None,
+        }
+        if self.contractive:
+            denoiser = self.denoiser
+            assert isinstance(denoiser, ContractiveDnCNN)
+            report["lipschitz_bound"] = self.cell.lipschitz_bound()
+            report["denoiser_lipschitz_bound"] = denoiser.lipschitz_bound()
+            size = denoiser.convs()[0].input_size
+            report["lipschitz_size"] = None if size is None else list(size)
+        if d is not None and x is not None and len(d) > 0:
+            was_training = self.training
+            self.eval()
+            generator = torch.Generator(device=d.device).manual_seed(self.config.seed)
+            try:
+                report["lipschitz_estimate"] = estimate_lipschitz(
+                    lambda z: self.cell(z, d), x, iters=iters, generator=generator
+                )
+            finally:
+                self.train(was_training)
+            report["lipschitz_estimate_images"] = len(d)
+        return report
 
 
 def cg_baseline(operator: GaussianBlur, d: Tensor, config: RunConfig) -> Tensor:

@@ -1,7 +1,10 @@
 r"""Training: pretrain :math:`D` as a residual denoiser, then train the DEQ end to end.
 
 Phase 1 (``pretrain``): :math:`D(x + \sigma e) \approx x` with :math:`\sigma` uniform in
-``[0, pretrain_sigma_max]``, batch norm in training mode.
+``[0, pretrain_sigma_max]``, batch norm in training mode. :math:`D` is the denoiser of
+:math:`R = I - D` in both cells: the residual DnCNN :math:`x - N(x)` (standard) or the
+:class:`~implicitlayers.imaging.ContractiveDnCNN` itself (contractive; its power iterations
+advance on every training-mode forward).
 
 Phase 2 (``deq``): minimise :math:`\|x^\star(d) - x\|^2` where :math:`x^\star(d)` is the
 DE-GRAD fixed point, found by the configured solver (per-sample stopping) and
@@ -360,9 +363,10 @@ class Trainer:
         self.log.write(
             {"event": "val", "epoch": epoch, "step": self.progress.global_step, **metrics}
         )
+        bound = metrics.get("lipschitz_bound")
         logger.info(
             "epoch %d validation: loss %.3e, PSNR %.2f dB (paper convention %.2f), "
-            "CG anchor %.2f dB, %.1f forward iterations/sample, %.0f%% converged%s",
+            "CG anchor %.2f dB, %.1f forward iterations/sample, %.0f%% converged%s%s",
             epoch,
             metrics["loss"],
             metrics["psnr_standard"],
@@ -370,6 +374,7 @@ class Trainer:
             metrics["cg_psnr_standard"],
             metrics["fwd_iters_mean"],
             100 * metrics["converged"],
+            "" if bound is None else f", certified Lip(T) <= {bound:.4f}",
             "  [best]" if improved else "",
         )
         if improved:
@@ -405,7 +410,7 @@ class Trainer:
         count = max(sums[0], 1.0)
         if self.val_cg_psnr is None:
             self.val_cg_psnr = sums[6] / count
-        return {
+        metrics = {
             "loss": sums[1] / count,
             "psnr_paper": sums[2] / count,
             "psnr_standard": sums[3] / count,
@@ -414,6 +419,9 @@ class Trainer:
             "cg_psnr_standard": self.val_cg_psnr,
             "images": sums[0],
         }
+        if model.contractive:  # the certificate, 1 - eta (1 - Lip(D)) < 1, as trained so far
+            metrics["lipschitz_bound"] = model.cell.lipschitz_bound()
+        return metrics
 
 
 def _unit(seed: int) -> float:

@@ -261,3 +261,15 @@ def test_flagship_script_dispatches_compare(tmp_path: Path) -> None:
     assert deblur_celeba.main(["compare", *tiny, "--rules", "jfb", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert "deq_jfb" in json.dumps(results)
+
+
+def test_contractive_cell_passes_through(tmp_path: Path) -> None:
+    out = tmp_path / "contractive"
+    argv = [*TINY, "--rules", "jfb", "--cell", "contractive", "--out", str(out)]
+    assert compare.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["cell"] == "contractive" and results["config"]["step_size"] == 0.5
+    assert results["training"].startswith("contractive cell, ContractiveDnCNN 3x8")
+    checkpoint = torch.load(out / "jfb" / "best.pt", weights_only=True)
+    assert checkpoint["config"]["cell"] == "contractive"
+    assert "lipschitz_bound" in checkpoint["metrics"]
