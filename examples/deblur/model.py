@@ -225,11 +225,10 @@ class DeGrad(nn.Module):
     def calibrate(self, size: tuple[int, int]) -> None:
         """Calibrate a contractive denoiser for ``(H, W)`` images (no-op otherwise).
 
-        :class:`~implicitlayers.imaging.ContractiveDnCNN` normalises each convolution by a
-        power-iteration estimate of its norm *at the input size*, and re-calibrates on the
-        first input of a new size from a random vector. Doing it here, with the random
-        vector drawn from a generator seeded by ``config.seed`` (the global one is left
-        alone), makes restoring an image of another size deterministic.
+        :class:`~implicitlayers.imaging.ContractiveDnCNN` normalises each convolution by an
+        estimate of its norm *at the input size*, and would re-calibrate on the first input
+        of a new size by power iteration from a random vector. Here the layers get their
+        exact norms instead (:meth:`calibrate_exact`): deterministic, and certified.
         """
         if not self.contractive:
             return
@@ -237,11 +236,15 @@ class DeGrad(nn.Module):
         assert isinstance(denoiser, ContractiveDnCNN)
         if all(conv.input_size == tuple(size) for conv in denoiser.convs()):
             return
-        device = next(denoiser.parameters()).device
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.config.seed)
-            denoiser.calibrate(size)
+        denoiser.calibrate_exact((int(size[0]), int(size[1])))
+
+    def calibrate_exact(self) -> None:
+        """Give a contractive denoiser's layers their exact norms at the calibrated size, so
+        the certified bound is the nominal ``--lipschitz`` (no-op for the standard cell)."""
+        if self.contractive:
+            denoiser = self.denoiser
+            assert isinstance(denoiser, ContractiveDnCNN)
+            denoiser.calibrate_exact()
 
     def lipschitz_report(
         self, d: Tensor | None = None, x: Tensor | None = None, iters: int = 50

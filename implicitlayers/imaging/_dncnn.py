@@ -180,6 +180,57 @@ class NormalizedConv2d(nn.Module):
                 iters = self.warmup_iterations if iters is None else iters
             self._power_step(self.power_iterations if iters is None else iters)
 
+    def calibrate_exact(self, size: tuple[int, int] | None = None) -> None:
+        r"""Set the vector to an exact top right singular vector of the circular convolution.
+
+        The DFT block-diagonalises the convolution on the torus (see
+        :func:`~implicitlayers.imaging.circular_conv_norm`): at the frequency
+        :math:`\omega^\star` where :math:`\sigma_{\max}(\hat W(\omega))` is largest, with top
+        right singular vector :math:`v`, the real plane wave
+        :math:`u(p) = \operatorname{Re}(v\, e^{i \omega^\star \cdot p})` (or its imaginary
+        part, or the conjugate's: the best of the four is kept) is a top singular vector of the
+        real operator. Afterwards :math:`\hat\sigma` equals the norm up to rounding, so
+        :meth:`lipschitz_ratio` is 1. Power iteration approaches the norm from below and can
+        lag far behind an optimiser that grows another singular direction; call this after
+        training (or periodically) to restore the certificate. Costs one batched SVD over the
+        DFT grid: about 0.3 s for ``width=48`` at 64 x 64 on a CPU core.
+
+        Args:
+            size: ``(H, W)`` image size; default: the calibrated one.
+        """
+        if size is None:
+            size = self.input_size
+        if size is None:
+            raise ValueError(
+                "the normalisation is sized by the input: pass size=(H, W) or run a forward "
+                "pass first"
+            )
+        weight = self.conv.weight
+        extra = self.kernel_size - 1
+        n1, n2 = int(size[0]) + extra, int(size[1]) + extra
+        with torch.no_grad():
+            w = weight.detach().to(torch.float64)
+            mats = torch.fft.rfft2(w, s=(n1, n2)).permute(2, 3, 0, 1)  # (n1, n2 // 2 + 1, o, i)
+            norms = torch.linalg.matrix_norm(mats, ord=2)
+            k1, k2 = divmod(int(norms.argmax()), norms.shape[1])
+            v = torch.linalg.svd(mats[k1, k2])[2][0].conj()  # top right singular vector
+            p1 = torch.arange(n1, dtype=torch.float64, device=w.device)[:, None]
+            p2 = torch.arange(n2, dtype=torch.float64, device=w.device)[None, :]
+            theta = 2 * math.pi * (k1 * p1 / n1 + k2 * p2 / n2)
+            best, best_gain = None, -1.0
+            for sign in (1.0, -1.0):
+                wave = v[:, None, None] * torch.exp(1j * sign * theta)[None]
+                for part in (wave.real, wave.imag):
+                    norm = float(part.norm())
+                    if norm < 1e-12:
+                        continue
+                    u = (part / norm)[None].to(weight.dtype)
+                    gain = float(self._circular(u, weight.detach()).norm())
+                    if gain > best_gain:
+                        best, best_gain = u, gain
+            assert best is not None  # a nonzero v gives a nonzero real or imaginary part
+            self.u = best.contiguous()
+
     def sigma(self) -> Tensor:
         r""":math:`\hat\sigma` for the current vector (differentiable in the weight)."""
         if self.input_size is None:
@@ -364,6 +415,25 @@ class ContractiveDnCNN(nn.Module):
             raise ValueError(f"input_size must be (H, W) with H, W >= 1, got {input_size!r}")
         for conv in self.convs():
             conv.calibrate((int(input_size[0]), int(input_size[1])), iters)
+
+    def calibrate_exact(self, input_size: tuple[int, int] | None = None) -> None:
+        """Give every layer its exact norm (:meth:`NormalizedConv2d.calibrate_exact`), so that
+        :meth:`lipschitz_bound` equals ``lipschitz`` up to rounding.
+
+        Training moves the weights faster than one power step per update can follow, and
+        the certified bound then drifts above 1; calling this after training (or at each
+        validation) restores it.
+
+        Args:
+            input_size: ``(H, W)``; default: each layer's calibrated size.
+        """
+        if input_size is None and any(conv.input_size is None for conv in self.convs()):
+            raise ValueError(
+                "the layers are not calibrated for any size yet: pass input_size=(H, W) or run "
+                "a forward pass first"
+            )
+        for conv in self.convs():
+            conv.calibrate_exact(input_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``."""

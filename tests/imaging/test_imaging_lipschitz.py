@@ -76,6 +76,30 @@ def test_contractive_dncnn_estimates_respect_the_bound(contractive_denoiser):
     assert 0.5 <= small.lipschitz_bound() < 0.53
 
 
+def test_calibrate_exact_restores_the_certificate_after_training():
+    torch.manual_seed(0)
+    D = ContractiveDnCNN(channels=1, depth=4, width=8, input_size=(12, 12))
+    opt = torch.optim.Adam(D.parameters(), lr=5e-2)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):  # an aggressive optimiser outruns one power step per forward
+        x = torch.randn(4, 1, 12, 12, generator=g)
+        opt.zero_grad()
+        (-D(x).square().mean()).backward()  # push the gain up
+        opt.step()
+    drifted = D.lipschitz_bound()
+    assert drifted > 1.0
+    D.calibrate_exact()
+    for conv in D.convs():
+        assert conv.lipschitz_ratio() == pytest.approx(1.0, abs=1e-5)
+    assert D.lipschitz_bound() == pytest.approx(D.lipschitz, rel=1e-5)
+    est = estimate_lipschitz(
+        D.eval(), torch.randn(2, 1, 12, 12, generator=g), iters=30, generator=g
+    )
+    assert est <= D.lipschitz_bound()
+    with pytest.raises(ValueError, match=r"pass input_size=\(H, W\)"):
+        ContractiveDnCNN(channels=1, depth=2, width=4).calibrate_exact()
+
+
 def test_contractive_cell_is_a_contraction_with_a_unique_fixed_point(contractive_denoiser):
     A = GaussianBlur(5, 5.0, 1)
     cell = DEGRADCell.contractive(A, contractive_denoiser, step_size=0.5)
