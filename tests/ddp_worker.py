@@ -36,5 +36,8 @@ def run(rank: int, world: int, port: int, out: str) -> None:
         ((z - target[shard]) ** 2).mean().backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
+        # Without it, a rank that finishes first tears down gloo while the other still
+        # talks to it, and its process can abort at exit (SIGABRT, about one run in three).
+        dist.barrier()
     finally:
         dist.destroy_process_group()

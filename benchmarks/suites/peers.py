@@ -84,12 +84,17 @@ def _theirs(solver: str, max_iter: int, tol: float, backward: str, b_tol: float)
 def _alternate(
     fns: Mapping[str, Callable[..., Any]], repeats: int, device: torch.device
 ) -> dict[str, list[float]]:
-    """Time each function ``repeats`` times, alternating between them, after one warm-up."""
+    """Time each function ``repeats`` times, alternating between them, after one warm-up.
+
+    The order flips every repeat (ours first, then theirs first, ...), so that whatever the
+    first or second position gains (warm caches, a clock ramping up) is shared.
+    """
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
+    for i in range(repeats):
+        order = list(fns.items())
+        for key, fn in order if i % 2 == 0 else order[::-1]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
@@ -210,8 +215,9 @@ def _training(
     steps = {k: (lambda fn=fn: fn().backward()) for k, fn in losses.items()}
     step_times = _alternate(steps, cfg["repeats"], ctx.device)
     backward_times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    for _ in range(cfg["repeats"]):
-        for key, fn in losses.items():
+    for i in range(cfg["repeats"]):
+        order = list(losses.items())
+        for key, fn in order if i % 2 == 0 else order[::-1]:
             loss = fn()
             t0 = time.perf_counter()
             loss.backward()
