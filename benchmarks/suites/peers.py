@@ -233,7 +233,13 @@ def _training(
         loss.backward()
         reverse_passes = counted.reverse_calls
         grads[key] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
-        memory = peak_bytes(lambda _, fn=fn: fn().backward(), ctx.device)
+        # Gradients are cleared before the measurement, not inside it: freeing them in the
+        # measured window would lower the peak by whatever the previous step left behind.
+        memory = peak_bytes(
+            lambda _, fn=fn: fn().backward(),
+            ctx.device,
+            setup=lambda: problem.cell.zero_grad(set_to_none=True),
+        )
         record.update(
             {
                 f"{key}_step_time_s": statistics.median(step_times[key]),
