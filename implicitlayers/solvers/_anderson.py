@@ -82,8 +82,9 @@ class Anderson(AbstractSolver):
         g = fz - z
         F[rows, slot] = fz
         G[rows, slot] = g
-        # One pass over the history per step: the new residual against every stored one.
-        products = torch.bmm(G, g[:, :, None]).squeeze(2)
+        # One pass over the history per step: the new residual against every stored one (as
+        # a row vector times G^T, several times faster on CPU than G times a column vector).
+        products = torch.bmm(g[:, None, :], G.transpose(1, 2)).squeeze(1)
         del g  # one state fewer alive while the mix below allocates the next iterate
         gram[rows, slot, :] = products
         gram[rows, :, slot] = products
