@@ -218,22 +218,21 @@ def tanh_conv_problem(
 ) -> Problem:
     """The standard DEQ layer :class:`TanhConvCell` with a random input ``x``."""
     cell = TanhConvCell(channels, size, contraction, seed).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, channels, size, size, generator=gen)
-    problem = Problem(
-        name=f"tanh-conv {channels}x{size}x{size}",
-        cell=cell,
-        inputs=(x,),
-        z0=torch.zeros_like(x),
-        info={
-            "family": "tanh_conv",
-            "batch": batch,
-            "channels": channels,
-            "size": size,
-            "contraction": contraction,
-        },
+    info = {"family": "tanh_conv", "contraction": contraction}
+    shape = (batch, channels, size, size)
+    return _injected(f"tanh-conv {channels}x{size}x{size}", cell, shape, seed, info).to(
+        device, dtype
     )
-    return problem.to(device, dtype)
+
+
+def _injected(
+    name: str, cell: nn.Module, shape: tuple[int, int, int, int], seed: int, info: dict[str, Any]
+) -> Problem:
+    """A problem ``f(z, x)`` with a random ``x ~ N(0, 1)`` of ``shape``, started from zero."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+    batch, channels, size, _ = shape
+    sizes = {"batch": batch, "channels": channels, "size": size}
+    return Problem(name, cell, (x,), torch.zeros_like(x), {**info, **sizes})
 
 
 def imaging_available() -> str | None:
@@ -320,13 +319,6 @@ def residual_block_problem(
 ) -> Problem:
     """The MDEQ-style :class:`ResidualBlockCell` with a random injection ``x``."""
     cell = ResidualBlockCell(channels, seed=seed).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, channels, size, size, generator=gen)
-    problem = Problem(
-        name=f"residual block {channels}x{size}x{size}",
-        cell=cell,
-        inputs=(x,),
-        z0=torch.zeros_like(x),
-        info={"family": "residual_block", "batch": batch, "channels": channels, "size": size},
-    )
-    return problem.to(device, dtype)
+    shape = (batch, channels, size, size)
+    name = f"residual block {channels}x{size}x{size}"
+    return _injected(name, cell, shape, seed, {"family": "residual_block"}).to(device, dtype)
