@@ -30,35 +30,27 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
+    """Run a read-only git command in the repository (``None`` when git is unavailable)."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=_REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
+        return subprocess.run(
+            ["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10, check=False
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+
+
+def _git_commit() -> str | None:
+    out = _git("rev-parse", "--short", "HEAD")
+    return (out.stdout.strip() or None) if out is not None else None
 
 
 def _library_dirty() -> bool | None:
     """Whether ``implicitlayers/`` has uncommitted changes (read-only ``git status``)."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--", "implicitlayers"],
-            cwd=_REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
+    out = _git("status", "--porcelain", "--", "implicitlayers")
+    if out is None or out.returncode != 0:
         return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
+    return bool(out.stdout.strip())
 
 
 def _version(name: str) -> str | None:

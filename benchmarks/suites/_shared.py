@@ -15,7 +15,7 @@ from .._problems import (
     residual_block_problem,
     tanh_conv_problem,
 )
-from .._types import SuiteContext
+from .._types import SuiteContext, SuiteResult
 
 
 def make_solver(name: str, **options: Any) -> il.AbstractSolver:
@@ -54,6 +54,18 @@ def maybe_degrad(
         return degrad_problem(batch=batch, size=size, device=ctx.device, dtype=dtype), None
     except Unavailable as err:
         return None, str(err)
+
+
+def conv_and_degrad(ctx: SuiteContext, suite: SuiteResult) -> list[Problem]:
+    """The conv layer and DE-GRAD (batch 2 at 64x64; 1 at 16x16 under ``--quick``); a note
+    on ``suite`` says why DE-GRAD is missing when it is."""
+    problems = [conv_layer(ctx)]
+    degrad, reason = maybe_degrad(ctx, batch=1 if ctx.quick else 2, size=16 if ctx.quick else 64)
+    if degrad is None:
+        suite.notes.append(f"DE-GRAD problem skipped: {reason}")
+    else:
+        problems.append(degrad)
+    return problems
 
 
 def relative_residual(problem: Problem, z: torch.Tensor) -> float:

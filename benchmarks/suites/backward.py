@@ -24,7 +24,7 @@ from .._problems import Counted, Problem
 from .._report import fmt, mib
 from .._timing import Timing, measure
 from .._types import Acceptance, SuiteContext, SuiteResult
-from ._shared import conv_layer, maybe_degrad
+from ._shared import conv_and_degrad
 
 NAME = "backward"
 TITLE = "Backward rules: cost in VJPs, memory, gradient accuracy"
@@ -130,12 +130,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
     """Run the suite."""
     repeats = ctx.repeats(7, 2)
     suite = SuiteResult(name=NAME, title=TITLE, config={"repeats": repeats})
-    problems = [conv_layer(ctx)]
-    degrad, reason = maybe_degrad(ctx, batch=1 if ctx.quick else 2, size=16 if ctx.quick else 64)
-    if degrad is None:
-        suite.notes.append(f"DE-GRAD problem skipped: {reason}")
-    else:
-        problems.append(degrad)
+    problems = conv_and_degrad(ctx, suite)
     rules = _rules(ctx.quick)
     for problem in problems:
         _run_problem(ctx, suite, problem, rules, repeats)

@@ -49,7 +49,7 @@ from .._problems import Counted, Problem
 from .._report import fmt, mib
 from .._timing import paired_ratio
 from .._types import Acceptance, SuiteContext, SuiteResult, skipped
-from ._shared import conv_layer, maybe_degrad, relative_residual
+from ._shared import conv_and_degrad, relative_residual
 
 NAME = "peers"
 #: Practical margin of the time verdict (see the module docstring and the A/A control).
@@ -129,12 +129,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
         "torchdeq": torchdeq.__version__ if hasattr(torchdeq, "__version__") else "0.1.0",
     }
     suite = SuiteResult(name=NAME, title=TITLE, config=cfg)
-    problems = [conv_layer(ctx)]
-    degrad, reason = maybe_degrad(ctx, batch=1 if ctx.quick else 2, size=16 if ctx.quick else 64)
-    if degrad is None:
-        suite.notes.append(f"DE-GRAD problem skipped: {reason}")
-    else:
-        problems.append(degrad)
+    problems = conv_and_degrad(ctx, suite)
     jobs = [(p, s) for p in problems for s in ("picard", "anderson", "broyden")]
     for problem, solver in ctx.bar(jobs, "peers forward"):
         _forward(ctx, suite, problem, solver, cfg)
