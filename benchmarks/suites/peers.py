@@ -186,8 +186,8 @@ def _forward(
 
 def _control(ctx: SuiteContext, suite: SuiteResult, problem: Problem, cfg: dict[str, Any]) -> None:
     """A/A control: ours against an identical copy of ours, timed like the comparisons."""
-    copies = [il.DEQ(problem.cell, solver=_ours_solver("picard", cfg["max_iter"], cfg["tol"]))]
-    copies.append(il.DEQ(problem.cell, solver=_ours_solver("picard", cfg["max_iter"], cfg["tol"])))
+    solver = _ours_solver("picard", cfg["max_iter"], cfg["tol"])
+    copies = [il.DEQ(problem.cell, solver=solver) for _ in range(2)]
 
     def runner(deq: il.DEQ) -> Callable[[], None]:
         def run() -> None:
