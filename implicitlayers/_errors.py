@@ -25,6 +25,11 @@ class ConvergenceError(RuntimeError):
         super().__init__(message)
         self.result = result
 
+    def __reduce__(self) -> tuple[type[ConvergenceError], tuple[str, SolverResult]]:
+        # Pickled with its result, so errors cross process boundaries (DataLoader workers,
+        # multiprocessing, DDP ranks) intact; the default rebuilds from args alone.
+        return type(self), (str(self), self.result)
+
 
 class ConvergenceWarning(UserWarning):
     """Some samples did not converge (issued when a policy is ``"warn"``)."""

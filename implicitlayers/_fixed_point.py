@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -86,6 +87,7 @@ def fixed_point(
     batch = _tree.batch_size(parts)
     _check_leaves(parts)
     out_dtype = parts[0].dtype
+    _check_precision(solver, out_dtype)
     work_dtype = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
     amp = AutocastSplit(parts[0].device.type)
     f_flat = _flat_map(f, spec, inputs, batch, out_dtype, amp)
@@ -110,9 +112,33 @@ def fixed_point(
         residual=out.residual,
         n_f_evals=out.n_f_evals,
         trace=out.trace,
+        rate=out.rate,
     )
     _apply_policies(result, solver)
     return result
+
+
+def _check_precision(solver: AbstractSolver, dtype: torch.dtype) -> None:
+    """Warn when ``rtol`` asks for more than a half-precision ``dtype`` can resolve (the solve
+    would run to ``max_iter``); the default ``rtol=1e-4`` is below bfloat16's epsilon."""
+    if dtype not in _LOW_PRECISION:
+        return
+    eps = torch.finfo(dtype).eps
+    if solver.rtol < eps:
+        warnings.warn(
+            f"rtol={solver.rtol:g} is below the precision of {dtype} (eps {eps:.2g}): the "
+            "residual cannot reach it, so samples run to max_iter. Pass rtol >= "
+            f"{_round_up(eps)} for {dtype} states (e.g. {type(solver).__name__}"
+            f"(rtol={_round_up(eps)})), or solve in a wider dtype.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+
+
+def _round_up(eps: float) -> str:
+    """``eps`` rounded up to one significant digit, for a message."""
+    exponent = math.floor(math.log10(eps))
+    return f"{math.ceil(eps / 10**exponent) * 10**exponent:.0e}"
 
 
 def _check_leaves(parts: list[Tensor]) -> None:

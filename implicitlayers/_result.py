@@ -59,18 +59,38 @@ _MESSAGES = {
 class SolverResult:
     r"""The outcome of a fixed-point solve, one entry per sample.
 
+    ``SUCCESS`` means the sample's residual is within tolerance at the returned batch, also when
+    ``f`` couples the samples (see :func:`~implicitlayers.fixed_point`). A small residual is not
+    a small error when ``f`` contracts slowly: for a contraction with Lipschitz constant
+    :math:`L < 1`,
+
+    .. math::
+
+        \|z - z^\star\| \le \frac{\|f(z) - z\|}{1 - L},
+
+    which :attr:`error_estimate` evaluates with the solver's estimate :attr:`rate` of
+    :math:`L`.
+
     Attributes:
         z: The solution, with the structure of ``z0`` (a tensor, or a tuple/list/dict of them).
             For samples that did not converge it is the iterate with the smallest residual.
         status: ``(B,)`` int64 tensor of :class:`Status` values.
         converged: ``(B,)`` bool tensor, ``status == Status.SUCCESS``.
-        n_steps: ``(B,)`` int64 tensor: evaluations of ``f`` each sample received.
+        n_steps: ``(B,)`` int64 tensor: iterations each sample ran (evaluations of ``f`` it
+            received while running, the one that stopped it included).
         residual: ``(B,)`` tensor: :math:`\|f(z) - z\|` at the returned ``z``, the norm taken
             over all non-batch dimensions of the flattened state.
         n_f_evals: Number of calls of ``f`` (each on the whole batch, or on the samples still
-            running when ``independent_samples=True``).
+            running when ``independent_samples=True``), including the one evaluation at the
+            returned batch that the default path adds when some samples return an earlier
+            iterate.
         trace: ``(K, B)`` tensor of residuals at every iteration when the solver was built with
             ``trace=True`` (samples that had stopped repeat their last value), else ``None``.
+        rate: ``(B,)`` tensor: the secant estimate
+            :math:`\|f(z_k) - f(z_{k-1})\| / \|z_k - z_{k-1}\|` of the contraction rate
+            over each sample's last step (a lower estimate of the Lipschitz constant of ``f``
+            along that step); NaN where no step was taken, ``None`` when no estimate was
+            made (an empty batch, a linear solve).
     """
 
     z: Any
@@ -80,6 +100,33 @@ class SolverResult:
     residual: Tensor
     n_f_evals: int
     trace: Tensor | None = None
+    rate: Tensor | None = None
+
+    @property
+    def error_estimate(self) -> Tensor | None:
+        r"""``(B,)`` a-posteriori estimate of :math:`\|z - z^\star\|`: ``residual / (1 - rate)``.
+
+        Zero where the residual is zero, ``inf`` where the rate estimate is at least 1 (no
+        contraction seen), NaN where no rate was estimated; ``None`` without :attr:`rate`.
+        An estimate, not a bound: :attr:`rate` can underestimate the contraction rate when the
+        last step ran along a fast-contracting direction.
+
+        Example:
+            >>> import torch, implicitlayers as il
+            >>> r = il.fixed_point(lambda z: 0.99 * z + 1, torch.zeros(1, 1),
+            ...                    solver=il.Picard(max_iter=5000))
+            >>> error = (r.z - 100).abs().item()   # the fixed point is 100
+            >>> round(r.rate.item(), 4), error > 100 * r.residual.item()
+            (0.99, True)
+            >>> abs(r.error_estimate.item() - error) < 0.01 * error
+            True
+        """
+        if self.rate is None:
+            return None
+        contracting = self.residual / (1 - self.rate)
+        estimate = torch.where(self.rate < 1, contracting, float("inf"))
+        estimate = torch.where(torch.isnan(self.rate), float("nan"), estimate)
+        return torch.where(self.residual == 0, 0.0, estimate)
 
     @property
     def batch_size(self) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import re
+import sys
+import warnings
 
 import pytest
 import torch
@@ -106,10 +109,52 @@ def test_shape_mismatch_names_both_shapes_and_the_fix():
     with pytest.raises(ValueError, match=r"\(B, 6\).*\(B, 3\).*z0"):
         il.fixed_point(f, torch.zeros(2, 3), torch.zeros(2, 3))
     lin = torch.nn.Linear(3, 5)
-    with pytest.raises(ValueError, match=r"default z0.*\(2, 3\).*pass z0"):
+    # f's own error keeps its type; the hint rides along as a note.
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as caught:
         il.DEQ(lambda z, x: torch.tanh(z @ torch.eye(5) + lin(x)))(torch.zeros(2, 3))
+    if sys.version_info >= (3, 11):
+        assert re.search(r"default z0.*\(2, 3\).*pass z0", " ".join(caught.value.__notes__))
     with pytest.raises(ValueError, match=r"(?i)pass z0"):
         il.DEQ(lambda z, x: torch.tanh(lin(x)))(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.cuda.OutOfMemoryError("CUDA out of memory"), RuntimeError("boom"), KeyError("k")],
+)
+def test_errors_raised_by_f_keep_their_type_and_message(error):
+    def f(z, x):
+        raise error
+
+    with pytest.raises(type(error)) as caught:
+        il.DEQ(f)(torch.zeros(2, 3))
+    assert caught.value is error
+    assert not getattr(caught.value, "__notes__", [])  # no shape hint where shape is not the cause
+
+
+def test_z0_whose_batch_differs_from_the_input_is_named():
+    with pytest.raises(ValueError, match=r"z0 has batch size 5 but the first input has 4"):
+        il.DEQ(torch.nn.Linear(3, 3))(torch.zeros(4, 3), z0=torch.zeros(5, 3))
+
+
+def test_convergence_error_survives_pickling():
+    with pytest.raises(il.ConvergenceError) as caught:
+        il.fixed_point(lambda z: z * float("nan"), torch.ones(2, 1))
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert type(copy) is il.ConvergenceError and str(copy) == str(caught.value)
+    assert torch.equal(copy.result.status, caught.value.result.status)
+
+
+def test_rtol_below_half_precision_warns_with_the_fix():
+    with pytest.warns(il.ConvergenceWarning, match=r"rtol=0.0001 .*bfloat16.*rtol >= 8e-03"):
+        il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.bfloat16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        il.fixed_point(
+            lambda z: 0.5 * z + 1,
+            torch.zeros(2, 3, dtype=torch.bfloat16),
+            solver=il.Anderson(rtol=1e-2),
+        )
 
 
 def test_bad_states_are_rejected():

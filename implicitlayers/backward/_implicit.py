@@ -56,6 +56,10 @@ class ImplicitDifferentiation(AbstractBackward):
         if not isinstance(self.fallback_to_jfb, bool):
             raise TypeError(f"fallback_to_jfb must be a bool, got {self.fallback_to_jfb!r}")
 
+    @property
+    def exact(self) -> bool:
+        return True
+
     def adjoint(self, vjp: VJP, grad: Tensor) -> tuple[Tensor, SolverResult | None]:
         from .._fixed_point import fixed_point
 

@@ -1,0 +1,234 @@
+"""No wrong answer reported as a success: coupled batches, second order, failed samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from zoo import TanhCell
+
+import implicitlayers as il
+
+SOLVERS = [il.Picard, il.Anderson, il.Broyden]
+IDS = ["picard", "anderson", "broyden"]
+
+
+def residual_at(f, result, *inputs):
+    z = result.z
+    return torch.linalg.vector_norm((f(z, *inputs) - z).reshape(z.shape[0], -1), dim=1)
+
+
+def within_tolerance(f, result, solver, *inputs):
+    z = result.z
+    fz = f(z, *inputs)
+    res = torch.linalg.vector_norm((fz - z).reshape(z.shape[0], -1), dim=1)
+    bound = solver.atol + solver.rtol * torch.linalg.vector_norm(fz.reshape(z.shape[0], -1), dim=1)
+    return res <= bound * (1 + 1e-9)
+
+
+# --- 1. Samples coupled through the batch --------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", SOLVERS, ids=IDS)
+def test_batch_mean_coupling_succeeds_only_at_the_returned_batch(cls):
+    f = lambda z, x: 0.5 * z + x + 0.4 * z.mean(0, keepdim=True)  # noqa: E731
+    x = torch.tensor([[1.0], [2.0], [3.0], [40.0]], dtype=torch.float64)
+    solver = cls(max_iter=300, rtol=1e-6, atol=0.0)
+    result = il.fixed_point(f, torch.zeros(4, 1, dtype=torch.float64), x, solver=solver)
+    assert result.converged.all()
+    assert within_tolerance(f, result, solver, x).all()
+    # z = 0.5 z + x + 0.4 m with m = mean(z): m = 0.5 m + mean(x) + 0.4 m => m = 10 mean(x)
+    exact = 2 * (x + 0.4 * 10 * x.mean())
+    torch.testing.assert_close(result.z, exact, rtol=1e-4, atol=0)
+    torch.testing.assert_close(result.residual, residual_at(f, result, x), rtol=1e-6, atol=1e-12)
+
+
+def test_unbatched_state_whose_components_couple():
+    A = torch.tensor([[0.0, 0.9], [0.0, 0.9]], dtype=torch.float64)
+    b = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    result = il.fixed_point(
+        lambda z: A @ z + b, torch.zeros(2, dtype=torch.float64), solver=il.Picard(max_iter=500)
+    )
+    assert result.converged.all()
+    torch.testing.assert_close(
+        result.z, torch.tensor([9.0, 10.0], dtype=torch.float64), rtol=1e-2, atol=0
+    )
+    fz = A @ result.z + b
+    assert ((fz - result.z).abs() <= 1e-6 + 1e-4 * fz.abs()).all()
+
+
+def test_a_sample_that_returns_an_earlier_iterate_is_measured_at_the_returned_batch():
+    # Sample 1 diverges and returns its best (first) iterate; sample 0 couples to it, so
+    # sample 0's convergence next to the diverging iterate does not hold at the returned batch.
+    def f(z):
+        return torch.cat((0.5 * z[:1] + 0.1 * z[1:], 3.0 * z[1:] + 1.0))
+
+    solver = il.Picard(max_iter=40, divergence_ratio=1e3)
+    result = il.fixed_point(f, torch.zeros(2, 1, dtype=torch.float64), solver=solver)
+    assert result.statuses() == [il.Status.MAX_ITER, il.Status.DIVERGED]
+    fz = f(result.z)
+    res = torch.linalg.vector_norm(fz - result.z, dim=1)
+    torch.testing.assert_close(result.residual, res, rtol=1e-12, atol=0)
+    assert result.n_f_evals == int(result.n_steps.max()) + 1  # the evaluation at the batch
+
+
+class _MixAcross(nn.Module):
+    """``f(z, x) = tanh(0.5 z + M z_batch + x)``: a fixed mixing matrix across the batch."""
+
+    def __init__(self, batch: int, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        M = torch.randn(batch, batch, generator=g, dtype=torch.float64)
+        self.M = 0.3 * M / torch.linalg.matrix_norm(M, 2)
+
+    def forward(self, z, x):
+        return torch.tanh(0.5 * z + self.M @ z + x)
+
+
+class _BatchNormCell(nn.Module):
+    def __init__(self, n: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(n, n).double()
+        with torch.no_grad():
+            self.lin.weight.mul_(0.5 / torch.linalg.matrix_norm(self.lin.weight, 2))
+        self.norm = nn.BatchNorm1d(n, momentum=None, track_running_stats=False).double()
+        self.train()
+
+    def forward(self, z, x):
+        return 0.5 * torch.tanh(self.norm(self.lin(z) + x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    coupling=st.sampled_from(["mean", "mix", "batchnorm"]),
+    cls=st.sampled_from(SOLVERS),
+    batch=st.integers(2, 6),
+    seed=st.integers(0, 1000),
+    spread=st.floats(0.1, 30.0),
+    rtol=st.sampled_from([1e-3, 1e-6]),
+    max_iter=st.integers(3, 60),
+)
+def test_every_success_is_within_tolerance_at_the_returned_batch_for_coupled_maps(
+    coupling, cls, batch, seed, spread, rtol, max_iter
+):
+    g = torch.Generator().manual_seed(seed)
+    n = 3
+    x = spread * torch.randn(batch, n, generator=g, dtype=torch.float64)
+    x[0] *= 10  # one sample far from the others, as in the report
+    if coupling == "mean":
+        f = lambda z, x: 0.5 * z + x + 0.4 * z.mean(0, keepdim=True)  # noqa: E731
+    elif coupling == "mix":
+        f = _MixAcross(batch, seed)
+    else:
+        f = _BatchNormCell(n, seed)
+    solver = cls(max_iter=max_iter, rtol=rtol, atol=0.0)
+    result = il.fixed_point(f, torch.zeros(batch, n, dtype=torch.float64), x, solver=solver)
+    with torch.no_grad():
+        ok = within_tolerance(f, result, solver, x)
+        torch.testing.assert_close(
+            result.residual, residual_at(f, result, x), rtol=1e-8, atol=1e-12
+        )
+    assert bool(ok[result.converged].all())
+
+
+# --- 2. Second order ---------------------------------------------------------------------------
+
+TIGHT = il.Anderson(max_iter=300, rtol=1e-13, atol=1e-14)
+
+
+def _half_identity_grads(rule):
+    """z* = 2x for f = z (0.5 I)^T + x; L = sum z^3; returns (dL/dx, d(sum dL/dx)/dx) at x=1."""
+    eye = torch.eye(1, dtype=torch.float64)
+    x = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+    deq = il.DEQ(lambda z, x: z @ (0.5 * eye).T + x, solver=TIGHT, backward=rule)
+    z, _ = deq(x)
+    (grad,) = torch.autograd.grad((z**3).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), x)
+    return grad.item(), second.item()
+
+
+def test_implicit_second_derivative_matches_the_closed_form():
+    # dL/dx = 3 z^2 dz/dx = 24 x^2, d/dx = 48 x.
+    grad, second = _half_identity_grads(il.ImplicitDifferentiation(solver=TIGHT))
+    assert grad == pytest.approx(24.0, rel=1e-10)
+    assert second == pytest.approx(48.0, rel=1e-10)
+
+
+@pytest.mark.parametrize("terms", [0, 1, 3])
+def test_neumann_and_jfb_second_order_differentiate_their_own_formula(terms):
+    # The rule's surrogate derivative of z* is c = sum_{i<=k} 0.5^i (JFB: c = 1), z* held
+    # fixed in J; dL/dx = c 3 z^2 and its derivative is c * 6 z * c = 12 c^2 x at z = 2x.
+    c = sum(0.5**i for i in range(terms + 1))
+    rule = il.JFB() if terms == 0 else il.Neumann(terms=terms)
+    grad, second = _half_identity_grads(rule)
+    assert grad == pytest.approx(12.0 * c, rel=1e-10)
+    assert second == pytest.approx(12.0 * c**2, rel=1e-10)
+
+
+def _tanh_fn(x, W):
+    f = lambda z, x, W: torch.tanh(z @ W.T + x)  # noqa: E731
+    z, _ = il.DEQ(f, solver=TIGHT, backward=il.ImplicitDifferentiation(solver=TIGHT))(x, W)
+    return z
+
+
+def _tuple_fn(x, W):
+    def f(z, x, W):
+        a, b = z
+        return torch.tanh(a @ W.T + 0.5 * b + x), 0.5 * torch.sin(a)
+
+    zeros = torch.zeros_like(x)
+    deq = il.DEQ(f, solver=TIGHT, backward=il.ImplicitDifferentiation(solver=TIGHT))
+    z, _ = deq(x, W, z0=(zeros, zeros.clone()))
+    return z
+
+
+@pytest.mark.parametrize("fn", [_tanh_fn, _tuple_fn], ids=["tanh", "tuple"])
+def test_implicit_gradgradcheck(fn):
+    torch.manual_seed(0)
+    W = (0.4 * torch.randn(4, 4, dtype=torch.float64) / 2).requires_grad_()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (x, W))
+    assert torch.autograd.gradgradcheck(fn, (x, W), atol=1e-6)
+
+
+def test_implicit_gradgradcheck_with_module_parameters():
+    cell = TanhCell(n=4, d=3, scale=0.6)
+    deq = il.DEQ(cell, solver=TIGHT, backward=il.ImplicitDifferentiation(solver=TIGHT))
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    z0 = torch.zeros(2, 4, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(lambda x: deq(x, z0=z0)[0], (x,), atol=1e-6)
+    # Second derivatives reach the parameters too: Hessian-vector product against autograd
+    # through a long unrolled solve.
+    z, _ = deq(x, z0=z0)
+    (gW,) = torch.autograd.grad((z**2).sum(), cell.W, create_graph=True)
+    (hv,) = torch.autograd.grad(gW.sum(), x)
+    zu = torch.zeros(2, 4, dtype=torch.float64)
+    for _ in range(200):
+        zu = cell(zu, x)
+    (gWu,) = torch.autograd.grad((zu**2).sum(), cell.W, create_graph=True)
+    (hvu,) = torch.autograd.grad(gWu.sum(), x)
+    torch.testing.assert_close(hv, hvu, rtol=1e-8, atol=1e-10)
+
+
+def test_second_order_refuses_a_closure_it_cannot_see():
+    W = (0.3 * torch.eye(4, dtype=torch.float64)).requires_grad_()
+    deq = il.DEQ(lambda z, x: torch.tanh(z @ W.T + x), solver=TIGHT, backward="implicit")
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    z, _ = deq(x)
+    with pytest.raises(RuntimeError, match="neither an input of the DEQ nor a parameter"):
+        torch.autograd.grad(z.sum(), x, create_graph=True)
+    # First order stays available: the closure's gradient is exact there.
+    (gW,) = torch.autograd.grad(deq(x)[0].sum(), W)
+    assert torch.isfinite(gW).all() and gW.abs().sum() > 0
+
+
+def test_third_order_is_refused_by_name():
+    x = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+    deq = il.DEQ(lambda z, x: torch.tanh(0.5 * z + x), solver=TIGHT, backward="implicit")
+    z, _ = deq(x)
+    (g1,) = torch.autograd.grad(z.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="third- and higher-order"):
+        torch.autograd.grad(g1.sum(), x, create_graph=True)
