@@ -8,11 +8,13 @@ backward rule.
 import logging
 from importlib.metadata import PackageNotFoundError, version
 
+from . import diagnostics, linear, nn
 from ._deq import DEQ, DEQOutput
 from ._errors import ConvergenceError, ConvergenceWarning
 from ._fixed_point import fixed_point
 from ._result import SolverResult, Status
 from .backward import JFB, AbstractBackward, ImplicitDifferentiation, Neumann
+from .linear import GMRES
 from .solvers import AbstractSolver, Anderson, Broyden, Picard
 
 try:
@@ -32,6 +34,7 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "DEQOutput",
+    "GMRES",
     "ImplicitDifferentiation",
     "Neumann",
     "Picard",

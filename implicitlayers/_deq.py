@@ -14,11 +14,12 @@ from torch import Tensor, nn
 from . import _tree
 from ._errors import ConvergenceError
 from ._fixed_point import check_structure, fixed_point
-from ._lookup import as_backward, as_solver
 from ._result import SolverResult, Status
 from .backward import AbstractBackward
+from .backward._names import as_backward
 from .nn import one_map
 from .solvers import AbstractSolver
+from .solvers._names import as_solver
 
 __all__ = ["DEQ", "DEQOutput"]
 

@@ -17,6 +17,7 @@ from ._errors import ConvergenceError, ConvergenceWarning
 from ._result import SolverResult, Status
 from .solvers import AbstractSolver
 from .solvers._loop import run_loop
+from .solvers._names import as_solver
 
 __all__ = ["fixed_point"]
 
@@ -75,8 +76,6 @@ def fixed_point(
         >>> bool(result.converged.all())
         True
     """
-    from ._lookup import as_solver
-
     solver = as_solver(solver)
     if not callable(f):
         raise TypeError(f"f must be callable as f(z, *inputs), got {type(f).__name__}")

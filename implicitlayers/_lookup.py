@@ -1,37 +1,16 @@
-"""Closed name lookups for the string forms accepted at the edges of the API."""
+"""Closed name lookups for the string forms accepted at the edges of the API.
+
+Each package owns its table (:mod:`implicitlayers.solvers._names`,
+:mod:`implicitlayers.backward._names`); this module only resolves a value against one.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .backward import JFB, AbstractBackward, ImplicitDifferentiation, Neumann
-from .solvers import AbstractSolver, Anderson, Broyden, Picard
 
-SOLVERS: dict[str, type[AbstractSolver]] = {
-    "picard": Picard,
-    "anderson": Anderson,
-    "broyden": Broyden,
-}
-BACKWARDS: dict[str, type[AbstractBackward]] = {
-    "jfb": JFB,
-    "neumann": Neumann,
-    "implicit": ImplicitDifferentiation,
-}
-
-
-def as_solver(solver: Any, argument: str = "solver") -> AbstractSolver:
-    """Return ``solver`` itself, or the default-configured solver it names."""
-    found: AbstractSolver = _lookup(solver, argument, SOLVERS, AbstractSolver)
-    return found
-
-
-def as_backward(backward: Any, argument: str = "backward") -> AbstractBackward:
-    """Return ``backward`` itself, or the default-configured rule it names."""
-    found: AbstractBackward = _lookup(backward, argument, BACKWARDS, AbstractBackward)
-    return found
-
-
-def _lookup(value: Any, argument: str, table: dict[str, Any], base: type) -> Any:
+def lookup(value: Any, argument: str, table: dict[str, Any], base: type) -> Any:
+    """Return ``value`` if it is a ``base`` instance, else the default object it names."""
     if isinstance(value, base):
         return value
     if isinstance(value, str):

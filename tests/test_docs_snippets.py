@@ -27,6 +27,9 @@ PUBLIC_MODULES = (
     "implicitlayers.solvers",
     "implicitlayers.backward",
     "implicitlayers.imaging",
+    "implicitlayers.linear",
+    "implicitlayers.diagnostics",
+    "implicitlayers.nn",
 )
 
 _RST_BLOCK = re.compile(r"^(?P<indent> *)\.\. code-block:: python\s*$")

@@ -102,7 +102,8 @@ def make_backward(config: RunConfig) -> il.AbstractBackward:
         return il.Neumann(terms=config.neumann_terms)
     if config.backward == "implicit":
         adjoint = il.Anderson(max_iter=config.implicit_max_iter, rtol=1e-4, atol=1e-7)
-        return il.ImplicitDifferentiation(solver=adjoint)
+        # Training logs the adjoint's convergence itself (DEQ.last_backward_result).
+        return il.ImplicitDifferentiation(solver=adjoint, on_unconverged="ignore")
     return il.JFB()
 
 

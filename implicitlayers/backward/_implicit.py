@@ -3,74 +3,123 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .._errors import ConvergenceError, ConvergenceWarning
+from .._fixed_point import fixed_point
 from .._result import SolverResult, Status
-from ..solvers import AbstractSolver, Anderson
+from .._validate import check_choice
+from ..linear import GMRES, AbstractLinearSolver
+from ..solvers import AbstractSolver
+from ..solvers._names import as_solver
 from ._base import VJP, AbstractBackward
 
 __all__ = ["ImplicitDifferentiation"]
 
+Policy = Literal["ignore", "warn", "raise"]
 
-def _default_adjoint_solver() -> AbstractSolver:
-    return Anderson(max_iter=50, rtol=1e-5)
+
+def _default_adjoint_solver() -> AbstractLinearSolver:
+    return GMRES(max_iter=200, rtol=1e-6, atol=1e-10, restart=20)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class ImplicitDifferentiation(AbstractBackward):
     r"""The exact gradient of the fixed point, by the implicit function theorem.
 
-    Solves the adjoint fixed-point equation matrix-free, with vector-Jacobian products only,
+    Solves the adjoint equation matrix-free, with vector-Jacobian products only,
 
     .. math::
 
-        u = J^\top u + g \quad\Longleftrightarrow\quad u = (I - J^\top)^{-1} g,
+        (I - J^\top)\, u = g \quad\Longleftrightarrow\quad u = J^\top u + g,
 
-    using any solver object with its own tolerance and budget (separate from the forward
-    solve's). The solve's :class:`~implicitlayers.SolverResult` is passed to the DEQ, which
-    keeps it as ``DEQ.last_backward_result``.
+    either as a linear system with a Krylov solver (the default, :class:`~implicitlayers.GMRES`:
+    it needs only :math:`I - J^\top` invertible) or as a fixed point with any fixed-point
+    solver object (:class:`~implicitlayers.Anderson`, ..., which need the spectral radius
+    :math:`\rho(J) < 1` and slow down as it nears 1). The solve has its own tolerance and
+    budget, separate from the forward solve's; its :class:`~implicitlayers.SolverResult` is
+    kept as ``DEQ.last_backward_result``.
+
+    Second-order gradients (``create_graph=True``: gradient penalties, hypergradients) are
+    exact: the adjoint equation is a fixed point too, and the rule attaches its solution the
+    same way. They need every tensor ``f`` differentiates to be an input of the DEQ or a
+    parameter of an ``nn.Module`` ``f``, and raise otherwise; third order raises.
 
     Args:
-        solver: The solver for the adjoint equation.
+        solver: The adjoint solver: an :class:`~implicitlayers.linear.AbstractLinearSolver`
+            (default ``GMRES(max_iter=200, rtol=1e-6, atol=1e-10, restart=20)``) or an
+            :class:`~implicitlayers.solvers.AbstractSolver` or its name. The solver's own
+            ``on_max_iter`` / ``on_nonfinite`` policies are not used: ``on_unconverged``
+            decides.
         fallback_to_jfb: Samples whose adjoint solve failed (status ``NONFINITE``,
-            ``DIVERGED`` or ``BREAKDOWN``) use the JFB vector :math:`u = g` instead of raising;
-            samples that only reached ``max_iter`` keep their best iterate. With ``False`` the
-            adjoint solver's own policies apply.
+            ``DIVERGED`` or ``BREAKDOWN``) use the JFB vector :math:`u = g`; samples that only
+            reached ``max_iter`` keep their best iterate. With ``False`` every sample keeps
+            the solver's best iterate.
+        on_unconverged: When some samples' adjoint did not converge (their gradient is
+            inexact): ``"warn"`` (a :class:`~implicitlayers.ConvergenceWarning`, shown once
+            per rule and message by Python's default filter), ``"raise"``
+            (:class:`~implicitlayers.ConvergenceError` from ``backward()``) or ``"ignore"``.
 
     Example:
-        >>> import implicitlayers as il
-        >>> il.ImplicitDifferentiation(solver=il.Broyden(max_iter=30, rtol=1e-6))
-        ImplicitDifferentiation(solver=Broyden(max_iter=30, rtol=1e-06))
+        >>> import torch, implicitlayers as il
+        >>> rule = il.ImplicitDifferentiation(solver=il.GMRES(rtol=1e-8))
+        >>> W = torch.tensor([[0.0, 1.5], [-1.5, 0.0]])  # rho(J) = 1.5: Anderson diverges
+        >>> x = torch.ones(1, 2, requires_grad=True)
+        >>> deq = il.DEQ(lambda z, x: z @ W.T + x, solver=il.Broyden(rtol=1e-8), backward=rule)
+        >>> z, _ = deq(x)
+        >>> z.sum().backward()
+        >>> exact = torch.linalg.solve(torch.eye(2) - W.T, torch.ones(2))
+        >>> torch.allclose(x.grad[0], exact, atol=1e-5)
+        True
     """
 
-    solver: AbstractSolver = field(default_factory=_default_adjoint_solver)
+    solver: AbstractSolver | AbstractLinearSolver = field(default_factory=_default_adjoint_solver)
     fallback_to_jfb: bool = True
+    on_unconverged: Policy = "warn"
 
     def __post_init__(self) -> None:
-        from .._lookup import as_solver
-
-        object.__setattr__(self, "solver", as_solver(self.solver, "solver"))
+        if not isinstance(self.solver, AbstractLinearSolver):
+            object.__setattr__(self, "solver", as_solver(self.solver, "solver"))
         if not isinstance(self.fallback_to_jfb, bool):
             raise TypeError(f"fallback_to_jfb must be a bool, got {self.fallback_to_jfb!r}")
+        check_choice("on_unconverged", self.on_unconverged, ("ignore", "warn", "raise"))
 
     @property
     def exact(self) -> bool:
         return True
 
     def adjoint(self, vjp: VJP, grad: Tensor) -> tuple[Tensor, SolverResult | None]:
-        from .._fixed_point import fixed_point
-
         solver = self.solver
-        if self.fallback_to_jfb:
-            solver = dataclasses.replace(solver, on_nonfinite="ignore")
-        result = fixed_point(lambda u: vjp(u) + grad, grad, solver=solver)
+        if isinstance(solver, AbstractLinearSolver):
+            with torch.no_grad():
+                result = solver.solve(lambda u: u - vjp(u), grad)
+        else:
+            quiet = dataclasses.replace(solver, on_max_iter="ignore", on_nonfinite="ignore")
+            result = fixed_point(lambda u: vjp(u) + grad, grad, solver=quiet)
         u: Tensor = result.z
         if self.fallback_to_jfb:
             failed = (result.status != int(Status.SUCCESS)) & (
                 result.status != int(Status.MAX_ITER)
             )
             u = torch.where(failed[:, None], grad, u)
+        self._report(result)
         return u, result
+
+    def _report(self, result: SolverResult) -> None:
+        if self.on_unconverged == "ignore" or bool(result.converged.all()):
+            return
+        message = (
+            f"{self!r}: the adjoint solve did not converge for some samples, so their "
+            "gradients are inexact (DEQ.last_backward_result holds the statuses; "
+            "implicitlayers.diagnostics.spectral_radius tells whether rho(J) >= 1). Give the "
+            "adjoint solver a larger max_iter, use GMRES, or regularise f towards a "
+            "contraction. This warning is shown once per rule."
+        )
+        if self.on_unconverged == "raise":
+            raise ConvergenceError(message + "\n" + result.summary(), result)
+        warnings.warn(message, ConvergenceWarning, stacklevel=2)

@@ -1,0 +1,23 @@
+"""The backward rules' names for the string forms (``DEQ(f, backward="jfb")``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._lookup import lookup
+from ._base import AbstractBackward
+from ._implicit import ImplicitDifferentiation
+from ._jfb import JFB
+from ._neumann import Neumann
+
+BACKWARDS: dict[str, type[AbstractBackward]] = {
+    "jfb": JFB,
+    "neumann": Neumann,
+    "implicit": ImplicitDifferentiation,
+}
+
+
+def as_backward(backward: Any, argument: str = "backward") -> AbstractBackward:
+    """Return ``backward`` itself, or the default-configured rule it names."""
+    found: AbstractBackward = lookup(backward, argument, BACKWARDS, AbstractBackward)
+    return found
