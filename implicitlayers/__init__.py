@@ -8,7 +8,9 @@ backward rule.
 import logging
 from importlib.metadata import PackageNotFoundError, version
 
-from . import diagnostics, linear, nn
+from . import diagnostics as diagnostics
+from . import linear as linear
+from . import nn as nn
 from ._deq import DEQ, DEQOutput
 from ._errors import ConvergenceError, ConvergenceWarning
 from ._fixed_point import fixed_point
@@ -26,6 +28,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "DEQ",
+    "GMRES",
     "JFB",
     "AbstractBackward",
     "AbstractSolver",
@@ -34,7 +37,6 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "DEQOutput",
-    "GMRES",
     "ImplicitDifferentiation",
     "Neumann",
     "Picard",
