@@ -6,7 +6,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,9 @@ from ._fixed_point import check_structure, fixed_point
 from ._result import SolverResult, Status
 from .backward import AbstractBackward
 from .backward._names import as_backward
+from .diagnostics import SpectralRadius
+from .diagnostics import jacobian_penalty as _jacobian_penalty
+from .diagnostics import spectral_radius as _spectral_radius
 from .nn import one_map
 from .solvers import AbstractSolver
 from .solvers._names import as_solver
@@ -26,11 +29,61 @@ __all__ = ["DEQ", "DEQOutput"]
 logger = logging.getLogger(__name__)
 
 
-class DEQOutput(NamedTuple):
-    """What :class:`DEQ` returns: the fixed point and the forward solve's result."""
+class DEQOutput(tuple[Any, SolverResult]):
+    r"""What :class:`DEQ` returns: unpacks as ``z, result``; the optional outputs are attributes.
 
-    z: Any
-    result: SolverResult
+    Attributes:
+        z: The fixed point, attached to the graph by the backward rule.
+        result: The forward solve's :class:`~implicitlayers.SolverResult`.
+        aux: With ``DEQ(f, has_aux=True)``: the auxiliary output of the application of ``f``
+            at the fixed point (attached to the graph when autograd records), else ``None``.
+        jacobian_penalty: With ``deq(x, jacobian_penalty=k)``: the ``(B,)`` Hutchinson
+            estimate of :math:`\|\partial f(z^\star) / \partial z\|_F^2` from ``k`` probes,
+            differentiable in the parameters and inputs (add its mean to the loss), else
+            ``None``.
+        spectral_radius: With ``deq(x, spectral_radius=True)``: the
+            :class:`~implicitlayers.diagnostics.SpectralRadius` of that Jacobian, else ``None``.
+    """
+
+    aux: Any
+    jacobian_penalty: Tensor | None
+    spectral_radius: SpectralRadius | None
+
+    def __new__(
+        cls,
+        z: Any,
+        result: SolverResult,
+        *,
+        aux: Any = None,
+        jacobian_penalty: Tensor | None = None,
+        spectral_radius: SpectralRadius | None = None,
+    ) -> DEQOutput:
+        out = super().__new__(cls, (z, result))
+        out.aux = aux
+        out.jacobian_penalty = jacobian_penalty
+        out.spectral_radius = spectral_radius
+        return out
+
+    def __getnewargs_ex__(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        extra = {
+            "aux": self.aux,
+            "jacobian_penalty": self.jacobian_penalty,
+            "spectral_radius": self.spectral_radius,
+        }
+        return (self[0], self[1]), extra
+
+    @property
+    def z(self) -> Any:
+        """The fixed point."""
+        return self[0]
+
+    @property
+    def result(self) -> SolverResult:
+        """The forward solve's result."""
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"DEQOutput(z={self[0]!r}, result={self[1]!r})"
 
 
 class DEQ(nn.Module):
@@ -57,6 +110,16 @@ class DEQ(nn.Module):
         backward: Backward rule object or name (``"jfb"``, ``"neumann"``, ``"implicit"``).
         independent_samples: Evaluate ``f`` only on samples still running; see
             :func:`fixed_point`. Valid only when ``f`` treats samples independently.
+        has_aux: ``f`` returns ``(z_next, aux)``; the solve uses ``z_next`` and the output's
+            ``aux`` is that of the application of ``f`` at the fixed point (attached to the
+            graph when autograd records: use it in a loss or a log), as optimistix's
+            ``has_aux``.
+
+    Samples whose forward solve failed (``NONFINITE``, ``DIVERGED``) return their best iterate
+    with no gradient: the backward rule never sees their rows (non-finite entries of their
+    state and batched inputs are zeros inside the attach), so one bad sample cannot poison the
+    others' gradients or the parameters'. ``MAX_ITER`` and ``BREAKDOWN`` samples keep the
+    rule's gradient at their best iterate.
 
     Attributes:
         last_backward_result: The adjoint solve's :class:`SolverResult` from the latest
@@ -86,35 +149,63 @@ class DEQ(nn.Module):
         solver: AbstractSolver | str = "anderson",
         backward: AbstractBackward | str = "jfb",
         independent_samples: bool = False,
+        has_aux: bool = False,
     ) -> None:
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be an nn.Module or callable f(z, *inputs), got {f!r}")
-        if not isinstance(independent_samples, bool):
-            raise TypeError(f"independent_samples must be a bool, got {independent_samples!r}")
+        for name, flag in (("independent_samples", independent_samples), ("has_aux", has_aux)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         self.f = f
         self.solver = as_solver(solver)
         self.backward = as_backward(backward)
         self.independent_samples = independent_samples
+        self.has_aux = has_aux
         self.last_backward_result = None
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, backward={self.backward!r}"
 
     def forward(
-        self, *inputs: Any, z0: Any = None, solver: AbstractSolver | str | None = None
+        self,
+        *inputs: Any,
+        z0: Any = None,
+        solver: AbstractSolver | str | None = None,
+        jacobian_penalty: int = 0,
+        spectral_radius: bool = False,
     ) -> DEQOutput:
-        """Solve for the fixed point.
+        r"""Solve for the fixed point.
+
+        ``f`` is one map for the whole call: when it is an ``nn.Module`` the call runs inside
+        :func:`~implicitlayers.nn.one_map`, so parametrized weights (spectral or weight
+        normalisation) are computed once and variational dropout masks drawn once.
 
         Args:
             *inputs: Passed to ``f(z, *inputs)``.
             z0: Initial state; defaults to ``torch.zeros_like(inputs[0])``.
             solver: Overrides the module's solver for this call (e.g. a larger test-time
                 ``max_iter``).
+            jacobian_penalty: Number of Hutchinson probes for the Jacobian regulariser of
+                Bai et al. (2021), :math:`\|\partial f(z^\star)/\partial z\|_F^2` per sample,
+                returned as ``output.jacobian_penalty`` (``0``: not computed). Costs one more
+                application of ``f`` and one VJP per probe (two under autograd).
+            spectral_radius: Also estimate the spectral radius of that Jacobian per sample
+                (:func:`~implicitlayers.diagnostics.spectral_radius`, up to 50 VJPs without
+                graph), returned as ``output.spectral_radius``.
 
         Returns:
-            ``DEQOutput(z, result)``.
+            :class:`DEQOutput`, which unpacks as ``z, result``.
         """
+        if isinstance(jacobian_penalty, bool) or not isinstance(jacobian_penalty, int):
+            raise TypeError(
+                f"jacobian_penalty must be an int (the number of probes; 0 for none), got "
+                f"{jacobian_penalty!r}"
+            )
+        if jacobian_penalty < 0:
+            raise ValueError(f"jacobian_penalty must be >= 0 probes, got {jacobian_penalty}")
+        if not isinstance(spectral_radius, bool):
+            raise TypeError(f"spectral_radius must be a bool, got {spectral_radius!r}")
         default_z0 = z0 is None
         if z0 is None:
             if not inputs or not isinstance(inputs[0], Tensor):
@@ -128,14 +219,42 @@ class DEQ(nn.Module):
         # One forward, one map: parametrized weights computed once, dropout masks drawn once.
         frozen = one_map(self.f) if isinstance(self.f, nn.Module) else contextlib.nullcontext()
         with frozen:
-            return self._solve_and_attach(inputs, z0, default_z0, solver_)
+            z, result, aux = self._solve_and_attach(inputs, z0, default_z0, solver_)
+            penalty = radius = None
+            if jacobian_penalty or spectral_radius:
+                point = _tree.unflatten(
+                    _clean_rows(_tree.flatten(result.z), result), _tree.spec_of(z0)
+                )
+                clean_inputs = _without_nonfinite(inputs, _failed(result))
+                if jacobian_penalty:
+                    penalty = _jacobian_penalty(
+                        self._main, point, *clean_inputs, n_probes=jacobian_penalty
+                    )
+                    penalty = torch.where(_failed(result), 0.0, penalty)
+                if spectral_radius:
+                    radius = _spectral_radius(self._main, point, *clean_inputs)
+        return DEQOutput(z, result, aux=aux, jacobian_penalty=penalty, spectral_radius=radius)
+
+    def _main(self, z: Any, *inputs: Any) -> Any:
+        """``f``'s state output (without the auxiliary output when ``has_aux``)."""
+        out = self.f(z, *inputs)
+        if not self.has_aux:
+            return out
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError(
+                "DEQ(f, has_aux=True) needs f to return a pair (z_next, aux), got "
+                f"{type(out).__name__}; return (z_next, aux) or pass has_aux=False"
+            )
+        return out[0]
 
     def _solve_and_attach(
         self, inputs: tuple[Any, ...], z0: Any, default_z0: bool, solver_: AbstractSolver
-    ) -> DEQOutput:
+    ) -> tuple[Any, SolverResult, Any]:
+        """The fixed point (attached when autograd records), the solve's result, and aux."""
+        f_solve = self._main if self.has_aux else self.f
         try:
             result = fixed_point(
-                self.f, z0, *inputs, solver=solver_, independent_samples=self.independent_samples
+                f_solve, z0, *inputs, solver=solver_, independent_samples=self.independent_samples
             )
         except RuntimeError as err:
             if default_z0 and _looks_like_shape_error(err):
@@ -147,16 +266,25 @@ class DEQ(nn.Module):
                 )
             raise
         if not (torch.is_grad_enabled() and self._needs_grad(inputs)):
-            return DEQOutput(result.z, result)
+            aux = None
+            if self.has_aux:
+                with torch.no_grad():
+                    aux = self.f(result.z, *inputs)[1]
+            return result.z, result, aux
         spec = _tree.spec_of(z0)
         z_star = _tree.flatten(result.z)
-        failed = (result.status == int(Status.NONFINITE)) | (result.status == int(Status.DIVERGED))
+        failed = _failed(result)
         # One host read per differentiable forward: are there samples to keep out of the graph?
         any_failed = bool(failed.any())
         attach_inputs = _without_nonfinite(inputs, failed) if any_failed else inputs
+        captured: list[Any] = []
 
         def f_flat(z: Tensor) -> Tensor:
             out = self.f(_tree.unflatten(z, spec), *attach_inputs)
+            if self.has_aux:
+                if not captured:  # the attach's application (later ones are the backward's)
+                    captured.append(out[1])
+                out = out[0]
             check_structure(out, spec)
             return _tree.flatten(out)
 
@@ -170,17 +298,13 @@ class DEQ(nn.Module):
         leaves = [x for x in attach_inputs if isinstance(x, Tensor) and x.requires_grad]
         if isinstance(self.f, nn.Module):
             leaves += [p for p in self.f.parameters() if p.requires_grad]
-        z_in = (
-            torch.where(failed[:, None] & ~torch.isfinite(z_star), 0.0, z_star)
-            if any_failed
-            else z_star
-        )
+        z_in = _clean_rows(z_star, result) if any_failed else z_star
         z_flat = self.backward.attach(f_flat, z_in, record, leaves=leaves)
         if any_failed:
             # Failed samples return their best iterate with no gradient; inside the attach
             # their non-finite entries are zeros, so they cannot reach other gradients.
             z_flat = torch.where(failed[:, None], z_star.detach().to(z_flat.dtype), z_flat)
-        return DEQOutput(_tree.unflatten(z_flat, spec), result)
+        return _tree.unflatten(z_flat, spec), result, captured[0] if captured else None
 
     def _needs_grad(self, inputs: tuple[Any, ...]) -> bool:
         if any(isinstance(x, Tensor) and x.requires_grad for x in inputs):
@@ -242,3 +366,13 @@ def _without_nonfinite(inputs: tuple[Any, ...], failed: Tensor) -> tuple[Any, ..
         return torch.where(rows & ~torch.isfinite(x), 0.0, x)
 
     return tuple(clean(x) for x in inputs)
+
+
+def _failed(result: SolverResult) -> Tensor:
+    """``(B,)`` samples whose forward solve failed: they get no gradient."""
+    return (result.status == int(Status.NONFINITE)) | (result.status == int(Status.DIVERGED))
+
+
+def _clean_rows(z_flat: Tensor, result: SolverResult) -> Tensor:
+    """``z_flat`` with the non-finite entries of failed samples set to 0."""
+    return torch.where(_failed(result)[:, None] & ~torch.isfinite(z_flat), 0.0, z_flat)

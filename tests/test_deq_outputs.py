@@ -1,0 +1,112 @@
+"""What a DEQ call returns besides z: aux outputs, the Jacobian penalty, the spectral radius."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from zoo import TanhCell
+
+import implicitlayers as il
+
+TIGHT = il.Anderson(max_iter=200, rtol=1e-12, atol=1e-13)
+
+
+class AuxCell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = TanhCell(n=5, d=3)
+
+    def forward(self, z, x):
+        out = self.cell(z, x)
+        return out, {"energy": (out**2).sum(dim=1)}
+
+
+def test_aux_is_that_of_f_at_the_fixed_point_and_carries_gradients():
+    module = AuxCell()
+    deq = il.DEQ(module, solver=TIGHT, has_aux=True)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    z0 = torch.zeros(4, 5, dtype=torch.float64)
+    out = deq(x, z0=z0)
+    z, result = out
+    assert result.converged.all()
+    torch.testing.assert_close(out.aux["energy"], (z.detach() ** 2).sum(dim=1))
+    out.aux["energy"].sum().backward()
+    # d/dW of sum ||f(z*, x)||^2 with z* held (the aux's own application): closed form
+    ref = module.cell
+    zs = z.detach()
+    pre = zs @ ref.W.T + x @ ref.U.T + ref.b
+    gW = ((2 * torch.tanh(pre) * (1 - torch.tanh(pre) ** 2)).T @ zs).detach()
+    torch.testing.assert_close(module.cell.W.grad, gW)
+    with torch.no_grad():
+        out = deq(x, z0=z0)
+    torch.testing.assert_close(out.aux["energy"], (out.z**2).sum(dim=1))
+
+
+def test_has_aux_with_a_plain_state_output_is_named():
+    deq = il.DEQ(TanhCell(n=5, d=3), has_aux=True)
+    with pytest.raises(TypeError, match=r"has_aux=True\) needs f to return a pair"):
+        deq(torch.randn(2, 3, dtype=torch.float64), z0=torch.zeros(2, 5, dtype=torch.float64))
+
+
+def test_jacobian_penalty_from_a_deq_call_is_the_frobenius_norm_in_expectation():
+    torch.manual_seed(0)
+    cell = TanhCell(n=5, d=3)
+    deq = il.DEQ(cell, solver=TIGHT)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    z0 = torch.zeros(2, 5, dtype=torch.float64)
+    out = deq(x, z0=z0, jacobian_penalty=4000)
+    zs = out.z.detach()
+    exact = torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda z: cell(z[None], x[i : i + 1])[0], zs[i])
+            .square()
+            .sum()
+            for i in range(2)
+        ]
+    )
+    torch.testing.assert_close(out.jacobian_penalty.detach(), exact, rtol=0.1, atol=0)
+    out.jacobian_penalty.mean().backward()
+    assert cell.W.grad is not None and cell.W.grad.abs().sum() > 0
+
+
+def test_spectral_radius_from_a_deq_call_matches_eigvals():
+    cell = TanhCell(n=5, d=3, scale=0.9)
+    deq = il.DEQ(cell, solver=TIGHT)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        out = deq(x, z0=torch.zeros(3, 5, dtype=torch.float64), spectral_radius=True)
+    zs = out.z
+    exact = torch.stack(
+        [
+            torch.linalg.eigvals(
+                torch.autograd.functional.jacobian(lambda z: cell(z[None], x[i : i + 1])[0], zs[i])
+            )
+            .abs()
+            .max()
+            for i in range(3)
+        ]
+    )
+    assert out.spectral_radius.converged.all()
+    torch.testing.assert_close(out.spectral_radius.radius, exact, rtol=0.01, atol=0)
+    assert out.jacobian_penalty is None and out.aux is None
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (True, TypeError), (1.5, TypeError)])
+def test_bad_jacobian_penalty_is_named(bad, error):
+    with pytest.raises(error, match="jacobian_penalty"):
+        il.DEQ(TanhCell(n=5, d=3))(
+            torch.randn(2, 3, dtype=torch.float64),
+            z0=torch.zeros(2, 5, dtype=torch.float64),
+            jacobian_penalty=bad,
+        )
+
+
+def test_output_unpacks_and_pickles():
+    out = il.DEQ(lambda z, x: 0.5 * z + x)(torch.ones(2, 1))
+    z, result = out
+    assert z is out.z and result is out.result
+    copy = pickle.loads(pickle.dumps(out))
+    assert torch.equal(copy.z, out.z) and copy.aux is None
