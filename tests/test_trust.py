@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -232,3 +235,134 @@ def test_third_order_is_refused_by_name():
     (g1,) = torch.autograd.grad(z.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="third- and higher-order"):
         torch.autograd.grad(g1.sum(), x, create_graph=True)
+
+
+# --- 5. The exact gradient is exact by default, or says it is not --------------------------
+
+
+def _poisson(N: int = 16):
+    """Jacobi for the 2-D Poisson equation on an N x N grid: f(u) = (S u + h^2 (b + x)) / 4."""
+    T = torch.diag(torch.ones(N - 1, dtype=torch.float64), 1)
+    T = T + T.T
+    eye = torch.eye(N, dtype=torch.float64)
+    J = (torch.kron(T, eye) + torch.kron(eye, T)) / 4  # rho(J) = cos(pi / (N + 1)) ~ 0.983
+    h2 = 1.0 / (N + 1) ** 2
+
+    class Jacobi(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b = nn.Parameter(torch.randn(N * N, dtype=torch.float64))
+
+        def forward(self, u, x):
+            return u @ J.T + h2 * (self.b + x) / 4
+
+    return Jacobi(), J, h2
+
+
+def test_default_implicit_gradient_is_exact_on_a_slowly_contracting_poisson_solve():
+    torch.manual_seed(0)
+    cell, J, h2 = _poisson()
+    n = J.shape[0]
+    x = torch.randn(2, n, dtype=torch.float64)
+    c = torch.randn(2, n, dtype=torch.float64)
+    forward = il.Anderson(max_iter=500, rtol=1e-11, atol=0.0, history_size=10)
+    deq = il.DEQ(cell, solver=forward, backward=il.ImplicitDifferentiation())
+    z, result = deq(x)
+    assert result.converged.all()
+    (z * c).sum().backward()
+    u = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - J.T, c.T).T
+    exact = h2 * u.sum(0) / 4
+    error = ((cell.b.grad - exact).norm() / exact.norm()).item()
+    assert error < 1e-5, error
+    assert deq.last_backward_result.converged.all()
+
+
+def test_an_unconverged_adjoint_warns_once_and_can_raise():
+    cell, _, _ = _poisson()
+    x = torch.randn(2, 256, dtype=torch.float64)
+    short = il.ImplicitDifferentiation(solver=il.Anderson(max_iter=10))
+    deq = il.DEQ(cell, solver=il.Anderson(max_iter=500, rtol=1e-10), backward=short)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            deq(x)[0].sum().backward()
+    relevant = [w for w in caught if issubclass(w.category, il.ConvergenceWarning)]
+    assert len(relevant) == 1 and "adjoint solve did not converge" in str(relevant[0].message)
+    assert not deq.last_backward_result.converged.any()
+    strict = dataclasses.replace(short, on_unconverged="raise")
+    deq = il.DEQ(cell, solver=il.Anderson(max_iter=500, rtol=1e-10), backward=strict)
+    with pytest.raises(il.ConvergenceError, match="adjoint solve did not converge"):
+        deq(x)[0].sum().backward()
+
+
+# --- 6. One bad sample does not poison the batch's gradient --------------------------------
+
+
+class _Scale(nn.Module):
+    """f(z, x) = rate * z + p x per sample: rate 2 diverges, p the one parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, z, x, rate):
+        return rate[:, None] * z + self.p * x
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [il.JFB(), il.Neumann(terms=10), il.ImplicitDifferentiation()],
+    ids=["jfb", "neumann", "implicit"],
+)
+def test_a_diverging_sample_gets_no_gradient_and_leaves_the_others_exact(rule):
+    x = torch.ones(3, 1, dtype=torch.float64)
+    rate = torch.tensor([0.5, 0.5, 2.0], dtype=torch.float64)
+    cell = _Scale()
+    deq = il.DEQ(cell, solver=il.Picard(max_iter=60, on_max_iter="ignore"), backward=rule)
+    z, result = deq(x, rate)
+    assert result.statuses()[2] == il.Status.DIVERGED
+    z.sum().backward()
+    # Each good sample: z* = 2 p x, d z*/dp = 2 (exact); JFB: x = 1; Neumann(10): sum 0.5^i.
+    per_sample = {"JFB": 1.0, "Neumann": sum(0.5**i for i in range(11))}.get(
+        type(rule).__name__, 2.0
+    )
+    assert cell.p.grad.item() == pytest.approx(2 * per_sample, rel=1e-6)
+
+
+def test_a_nan_input_sample_with_on_nonfinite_ignore_leaves_parameter_gradients_clean():
+    cell = TanhCell(n=5, d=3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x_bad = x.clone()
+    x_bad[2, 1] = float("nan")
+    solver = il.Anderson(max_iter=100, rtol=1e-10, on_nonfinite="ignore")
+    z0 = torch.zeros(4, 5, dtype=torch.float64)
+    for rule in (il.JFB(), il.ImplicitDifferentiation()):
+        deq = il.DEQ(cell, solver=solver, backward=rule)
+        cell.zero_grad()
+        z, result = deq(x_bad, z0=z0)
+        assert result.statuses()[2] == il.Status.NONFINITE
+        z[[0, 1, 3]].sum().backward()
+        bad_grads = [p.grad.clone() for p in cell.parameters()]
+        cell.zero_grad()
+        keep = [0, 1, 3]
+        deq(x[keep], z0=z0[keep])[0].sum().backward()
+        for got, want in zip(bad_grads, cell.parameters(), strict=True):
+            torch.testing.assert_close(got, want.grad)
+
+
+# --- 8. SUCCESS comes with an error estimate -----------------------------------------------
+
+
+@pytest.mark.parametrize("g", [0.9, 0.99, 0.999, 0.9999])
+@pytest.mark.parametrize("cls", SOLVERS, ids=IDS)
+def test_error_estimate_tracks_the_true_error_where_the_residual_does_not(cls, g):
+    solver = cls(max_iter=100000)
+    result = il.fixed_point(
+        lambda z: g * z + 1, torch.zeros(1, 1, dtype=torch.float64), solver=solver
+    )
+    assert result.converged.all()
+    error = (result.z - 1 / (1 - g)).abs().item()
+    estimate = result.error_estimate.item()
+    if error > 1e-9:  # accelerated solvers may land on the fixed point exactly
+        assert estimate == pytest.approx(error, rel=0.05)
+    assert result.rate.item() == pytest.approx(g, rel=1e-6)
