@@ -67,6 +67,13 @@ nitpick_ignore = [
     ("py:class", "abc.ABC"),
     ("py:class", "enum.IntEnum"),
     ("py:class", "collections.abc.Callable"),
+    ("py:class", "collections.abc.Sequence"),
+    ("py:func", "torch.no_grad"),
+    ("py:func", "torch.nn.utils.parametrize.cached"),
+    ("py:func", "torch.nn.utils.parametrize.register_parametrization"),
+    ("py:mod", "torch.nn.utils.parametrizations"),
+    ("py:func", "torch.utils.checkpoint.checkpoint"),
+    ("py:class", "implicitlayers.nn._dropout._VariationalDropoutBase"),
 ]
 
 # -- Intersphinx: only with network access or local inventories ----------------------------------

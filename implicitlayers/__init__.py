@@ -15,7 +15,15 @@ from ._deq import DEQ, DEQOutput
 from ._errors import ConvergenceError, ConvergenceWarning
 from ._fixed_point import fixed_point
 from ._result import SolverResult, Status
-from .backward import JFB, AbstractBackward, ImplicitDifferentiation, Neumann
+from ._unroll import unroll
+from .backward import (
+    JFB,
+    AbstractBackward,
+    ImplicitDifferentiation,
+    Neumann,
+    NeumannPhantom,
+    PhantomGradient,
+)
 from .linear import GMRES
 from .solvers import AbstractSolver, Anderson, Broyden, Picard
 
@@ -39,9 +47,12 @@ __all__ = [
     "DEQOutput",
     "ImplicitDifferentiation",
     "Neumann",
+    "NeumannPhantom",
+    "PhantomGradient",
     "Picard",
     "SolverResult",
     "Status",
     "__version__",
     "fixed_point",
+    "unroll",
 ]

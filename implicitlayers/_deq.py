@@ -33,8 +33,6 @@ class DEQOutput(tuple[Any, SolverResult]):
     r"""What :class:`DEQ` returns: unpacks as ``z, result``; the optional outputs are attributes.
 
     Attributes:
-        z: The fixed point, attached to the graph by the backward rule.
-        result: The forward solve's :class:`~implicitlayers.SolverResult`.
         aux: With ``DEQ(f, has_aux=True)``: the auxiliary output of the application of ``f``
             at the fixed point (attached to the graph when autograd records), else ``None``.
         jacobian_penalty: With ``deq(x, jacobian_penalty=k)``: the ``(B,)`` Hutchinson
@@ -74,12 +72,12 @@ class DEQOutput(tuple[Any, SolverResult]):
 
     @property
     def z(self) -> Any:
-        """The fixed point."""
+        """The fixed point, attached to the graph by the backward rule."""
         return self[0]
 
     @property
     def result(self) -> SolverResult:
-        """The forward solve's result."""
+        """The forward solve's :class:`~implicitlayers.SolverResult`."""
         return self[1]
 
     def __repr__(self) -> str:

@@ -7,5 +7,14 @@ from ._base import VJP, AbstractBackward
 from ._implicit import ImplicitDifferentiation
 from ._jfb import JFB
 from ._neumann import Neumann
+from ._phantom import NeumannPhantom, PhantomGradient
 
-__all__ = ["JFB", "VJP", "AbstractBackward", "ImplicitDifferentiation", "Neumann"]
+__all__ = [
+    "JFB",
+    "VJP",
+    "AbstractBackward",
+    "ImplicitDifferentiation",
+    "Neumann",
+    "NeumannPhantom",
+    "PhantomGradient",
+]

@@ -9,11 +9,13 @@ from ._base import AbstractBackward
 from ._implicit import ImplicitDifferentiation
 from ._jfb import JFB
 from ._neumann import Neumann
+from ._phantom import PhantomGradient
 
 BACKWARDS: dict[str, type[AbstractBackward]] = {
     "jfb": JFB,
     "neumann": Neumann,
     "implicit": ImplicitDifferentiation,
+    "phantom": PhantomGradient,
 }
 
 

@@ -2,7 +2,7 @@ r"""Weight-tied (variational) dropout: one mask per forward, shared by every cal
 
 ``nn.Dropout`` draws a new mask at every call, so inside a deep equilibrium model each solver
 iteration would see a different map :math:`f` and the solve would chase a moving target. The
-modules here draw their mask once and reuse it until :meth:`~VariationalDropout.reset_mask`
+modules here draw their mask once and reuse it until ``reset_mask()``
 (or :func:`implicitlayers.nn.one_map`, once per forward) draws a new one, as the hidden-state
 dropout of the DEQ and MDEQ papers (Bai et al., 2019, 2020) and torchdeq's
 ``VariationalDropout`` do.
@@ -86,7 +86,7 @@ class _VariationalDropoutBase(nn.Module):
 
 
 class VariationalDropout(_VariationalDropoutBase):
-    r"""Dropout whose mask is drawn once and reused until :meth:`reset_mask`.
+    r"""Dropout whose mask is drawn once and reused until ``reset_mask()``.
 
     In training mode, with a mask :math:`m` of the input's shape :math:`(B, *S)` drawn at the
     first call after a reset,
@@ -111,7 +111,7 @@ class VariationalDropout(_VariationalDropoutBase):
 
     Raises:
         ValueError: At a call whose input shape differs from the one the mask was drawn for
-            (call :meth:`reset_mask` first).
+            (call ``reset_mask()`` first).
 
     Example:
         >>> import torch
@@ -134,7 +134,7 @@ class VariationalDropout(_VariationalDropoutBase):
 
 
 class VariationalDropout2d(_VariationalDropoutBase):
-    r"""Channel dropout for feature maps, with one mask reused until :meth:`reset_mask`.
+    r"""Channel dropout for feature maps, with one mask reused until ``reset_mask()``.
 
     The mask has shape :math:`(B, C, 1, 1)` and broadcasts over the spatial dimensions of an
     input :math:`(B, C, H, W)`: a dropped channel is zero at every pixel, as in MDEQ's
@@ -153,7 +153,7 @@ class VariationalDropout2d(_VariationalDropoutBase):
 
     Raises:
         ValueError: At a call with an input that is not 4-D, or whose shape differs from the
-            one the mask was drawn for (call :meth:`reset_mask` first).
+            one the mask was drawn for (call ``reset_mask()`` first).
 
     Example:
         >>> import torch

@@ -44,7 +44,7 @@ def one_map(module: nn.Module) -> Iterator[None]:
        application of :math:`f` at the end of a DEQ's forward sends their gradients there.
        (Filling the cache lazily would store the tensor computed by the solver's first call,
        under ``no_grad``, without history: the parameters would silently get no gradient.)
-    2. calls :meth:`~implicitlayers.nn.VariationalDropout.reset_mask` on every
+    2. calls ``reset_mask()`` on every
        :class:`~implicitlayers.nn.VariationalDropout` and
        :class:`~implicitlayers.nn.VariationalDropout2d`, so the first call draws a new mask
        that every later call, the differentiable one included, reuses.
