@@ -157,7 +157,7 @@ class DeGrad(nn.Module):
                 clamp=(-1.0, 1.0),
                 residual_regularizer=True,
             )
-        # The DEQ always runs the cell in eval mode (see refresh_spectral_norm), so the cell
+        # The DEQ always runs the cell in eval mode (see prepare_deq_step), so the cell
         # treats samples independently and converged samples can stop early.
         self.deq = il.DEQ(
             self.cell,
@@ -194,16 +194,17 @@ class DeGrad(nn.Module):
         """Whether the cell is the provably contractive one (``--cell contractive``)."""
         return self.config.cell == "contractive"
 
-    def refresh_spectral_norm(self) -> None:
-        """Advance every spectral-norm power iteration by one step (no autograd).
+    def prepare_deq_step(self) -> None:
+        """Advance the denoiser's norm estimates by one power step for the next training step.
 
-        DEQ training keeps the whole model in eval mode, so that batch norm uses its
-        running statistics (a batch-statistics map would couple the samples and differ from
-        the test-time map) and the spectral-norm estimates stay fixed while the solver
-        iterates (torch's parametrization otherwise updates them on every call of the cell).
-        Calling this once per optimizer step keeps the estimates tracking the weights. The
-        contractive DnCNN's :class:`~implicitlayers.imaging.NormalizedConv2d` layers likewise
-        advance their power iterations only in training mode, so they get their steps here.
+        DEQ training keeps the whole model in eval mode, so that batch norm uses its running
+        statistics (a batch-statistics map would couple the samples and differ from the
+        test-time map). torch's spectral-norm parametrizations are switched back to training
+        mode here: inside the DEQ's forward, :func:`implicitlayers.nn.one_map` computes each
+        weight once, so its power iteration advances exactly once per step while the solver
+        iterates on one map. The contractive DnCNN's
+        :class:`~implicitlayers.imaging.NormalizedConv2d` layers advance their power
+        iterations only in training mode, so they get their step here.
         """
         with torch.no_grad():
             for module in self.denoiser.modules():
@@ -212,11 +213,7 @@ class DeGrad(nn.Module):
                     if size is not None and module.power_iterations > 0:
                         module.calibrate(size, module.power_iterations)
                 elif parametrize.is_parametrized(module, "weight"):
-                    parametrization = module.parametrizations["weight"]
-                    was_training = parametrization.training
-                    parametrization.train()
-                    _ = module.weight  # the parametrization's forward runs the power step
-                    parametrization.train(was_training)
+                    module.parametrizations["weight"].train()
 
     def step_size(self) -> float:
         r"""The current :math:`\eta`."""

@@ -10,7 +10,7 @@ Phase 2 (``deq``): minimise :math:`\|x^\star(d) - x\|^2` where :math:`x^\star(d)
 DE-GRAD fixed point, found by the configured solver (per-sample stopping) and
 differentiated by the configured backward rule (JFB by default). The model stays in eval
 mode (running batch-norm statistics, frozen spectral-norm estimates while the solver
-iterates; see :meth:`~deblur.model.DeGrad.refresh_spectral_norm`). Validation every epoch;
+iterates; see :meth:`~deblur.model.DeGrad.prepare_deq_step`). Validation every epoch;
 ``best.pt`` (by validation PSNR) and ``last.pt`` are written atomically.
 
 Everything random is a function of the seed and of the step or image, so a run is
@@ -272,7 +272,7 @@ class Trainer:
     def _train_deq(self) -> bool:
         config, ctx = self.config, self.ctx
         model = self.model
-        model.eval()  # running BN statistics; spectral norm refreshed once per step
+        model.eval()  # running BN statistics; spectral norm advanced once per step
         net = DistributedDataParallel(model, device_ids=_ids(ctx)) if ctx.distributed else model
         steps_per_epoch = len(self._epoch_batches(0))
         total = steps_per_epoch * config.epochs
@@ -319,8 +319,9 @@ class Trainer:
         seeds = [noise_seed(config.seed, "train", epoch, int(i)) for i in index]
         x = flip_batch(x, seeds).to(ctx.device)
         d = measure(model.operator, x, config.noise_std, seeds)
-        model.refresh_spectral_norm()
+        model.prepare_deq_step()
         x_hat, result = net(d)
+        model.eval()  # that forward took the spectral-norm power step; validation takes none
         loss = F.mse_loss(x_hat, x)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -92,3 +92,28 @@ def test_solver_tolerance_is_per_pixel_rms() -> None:
     small, large = make_solver(config, values=100), make_solver(config, values=10_000)
     assert small.atol == pytest.approx(1e-2) and large.atol == pytest.approx(1e-1)
     assert (small.rtol, small.max_iter, make_solver(config, 3).max_iter) == (1e-4, 7, 3)
+
+
+def test_a_training_step_sees_one_spectral_normed_weight_and_one_power_step() -> None:
+    config = resolve_config(
+        "demo", {"image_size": 16, "depth": 3, "width": 8, "spectral_norm": True, "max_iter": 8}
+    )
+    model = DeGrad(config)
+    model.eval()
+    conv = next(m for m in model.denoiser.modules() if isinstance(m, torch.nn.Conv2d))
+    seen: list[torch.Tensor] = []
+    hook = conv.register_forward_pre_hook(lambda m, args: seen.append(m.weight.detach().clone()))
+    u_before = conv.parametrizations["weight"][0]._u.clone()
+    model.prepare_deq_step()
+    _, result = model(torch.rand(2, 3, 16, 16) * 2 - 1)
+    hook.remove()
+    assert int(result.n_steps.max()) >= 3 and len(seen) >= 3
+    assert all(torch.equal(w, seen[0]) for w in seen)  # one map for the whole solve
+    # exactly one power step: the one that one_map took when it computed the weight
+    u_after = conv.parametrizations["weight"][0]._u
+    assert not torch.equal(u_before, u_after)
+    seen.clear()
+    model.eval()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert torch.equal(conv.parametrizations["weight"][0]._u, u_after)  # eval: no step
