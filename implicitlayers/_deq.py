@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -41,9 +41,13 @@ class DEQOutput(tuple[Any, SolverResult]):
             ``None``.
         spectral_radius: With ``deq(x, spectral_radius=True)``: the
             :class:`~implicitlayers.diagnostics.SpectralRadius` of that Jacobian, else ``None``.
+        states: With ``deq(x, states=(k1, k2, ...))``: the solver's iterates :math:`z_k`, each
+            attached to the graph by the backward rule at its own point (fixed-point
+            correction, Bai et al. 2022), else ``()``.
     """
 
     aux: Any
+    states: tuple[Any, ...]
     jacobian_penalty: Tensor | None
     spectral_radius: SpectralRadius | None
 
@@ -55,9 +59,11 @@ class DEQOutput(tuple[Any, SolverResult]):
         aux: Any = None,
         jacobian_penalty: Tensor | None = None,
         spectral_radius: SpectralRadius | None = None,
+        states: tuple[Any, ...] = (),
     ) -> DEQOutput:
         out = super().__new__(cls, (z, result))
         out.aux = aux
+        out.states = states
         out.jacobian_penalty = jacobian_penalty
         out.spectral_radius = spectral_radius
         return out
@@ -67,6 +73,7 @@ class DEQOutput(tuple[Any, SolverResult]):
             "aux": self.aux,
             "jacobian_penalty": self.jacobian_penalty,
             "spectral_radius": self.spectral_radius,
+            "states": self.states,
         }
         return (self[0], self[1]), extra
 
@@ -172,6 +179,7 @@ class DEQ(nn.Module):
         solver: AbstractSolver | str | None = None,
         jacobian_penalty: int = 0,
         spectral_radius: bool = False,
+        states: Sequence[int] = (),
     ) -> DEQOutput:
         r"""Solve for the fixed point.
 
@@ -191,6 +199,13 @@ class DEQ(nn.Module):
             spectral_radius: Also estimate the spectral radius of that Jacobian per sample
                 (:func:`~implicitlayers.diagnostics.spectral_radius`, up to 50 VJPs without
                 graph), returned as ``output.spectral_radius``.
+            states: Iterations :math:`k` whose iterates :math:`z_k` to return as
+                ``output.states`` for fixed-point correction (Bai et al., 2022): a loss on
+                them, weighted as you like, supervises the solver's trajectory. Each is
+                attached by the backward rule at its own point (one more application of ``f``
+                per state); a sample that stopped before :math:`k` (or a :math:`k` past the
+                solve) gives its returned ``z``. Memory: one state and one graph of ``f`` per
+                entry, whatever ``max_iter`` is.
 
         Returns:
             :class:`DEQOutput`, which unpacks as ``z, result``.
@@ -217,7 +232,9 @@ class DEQ(nn.Module):
         # One forward, one map: parametrized weights computed once, dropout masks drawn once.
         frozen = one_map(self.f) if isinstance(self.f, nn.Module) else contextlib.nullcontext()
         with frozen:
-            z, result, aux = self._solve_and_attach(inputs, z0, default_z0, solver_)
+            z, result, aux, attached = self._solve_and_attach(
+                inputs, z0, default_z0, solver_, tuple(states)
+            )
             penalty = radius = None
             if jacobian_penalty or spectral_radius:
                 point = _tree.unflatten(
@@ -231,7 +248,9 @@ class DEQ(nn.Module):
                     penalty = torch.where(_failed(result), 0.0, penalty)
                 if spectral_radius:
                     radius = _spectral_radius(self._main, point, *clean_inputs)
-        return DEQOutput(z, result, aux=aux, jacobian_penalty=penalty, spectral_radius=radius)
+        return DEQOutput(
+            z, result, aux=aux, jacobian_penalty=penalty, spectral_radius=radius, states=attached
+        )
 
     def _main(self, z: Any, *inputs: Any) -> Any:
         """``f``'s state output (without the auxiliary output when ``has_aux``)."""
@@ -246,13 +265,24 @@ class DEQ(nn.Module):
         return out[0]
 
     def _solve_and_attach(
-        self, inputs: tuple[Any, ...], z0: Any, default_z0: bool, solver_: AbstractSolver
-    ) -> tuple[Any, SolverResult, Any]:
-        """The fixed point (attached when autograd records), the solve's result, and aux."""
+        self,
+        inputs: tuple[Any, ...],
+        z0: Any,
+        default_z0: bool,
+        solver_: AbstractSolver,
+        states: tuple[int, ...],
+    ) -> tuple[Any, SolverResult, Any, tuple[Any, ...]]:
+        """The fixed point (attached when autograd records), the solve's result, aux, and the
+        requested intermediate states (attached too)."""
         f_solve = self._main if self.has_aux else self.f
         try:
             result = fixed_point(
-                f_solve, z0, *inputs, solver=solver_, independent_samples=self.independent_samples
+                f_solve,
+                z0,
+                *inputs,
+                solver=solver_,
+                independent_samples=self.independent_samples,
+                states=states,
             )
         except RuntimeError as err:
             if default_z0 and _looks_like_shape_error(err):
@@ -268,7 +298,7 @@ class DEQ(nn.Module):
             if self.has_aux:
                 with torch.no_grad():
                     aux = self.f(result.z, *inputs)[1]
-            return result.z, result, aux
+            return result.z, result, aux, result.states
         spec = _tree.spec_of(z0)
         z_star = _tree.flatten(result.z)
         failed = _failed(result)
@@ -296,13 +326,22 @@ class DEQ(nn.Module):
         leaves = [x for x in attach_inputs if isinstance(x, Tensor) and x.requires_grad]
         if isinstance(self.f, nn.Module):
             leaves += [p for p in self.f.parameters() if p.requires_grad]
-        z_in = _clean_rows(z_star, result) if any_failed else z_star
-        z_flat = self.backward.attach(f_flat, z_in, record, leaves=leaves)
-        if any_failed:
-            # Failed samples return their best iterate with no gradient; inside the attach
-            # their non-finite entries are zeros, so they cannot reach other gradients.
-            z_flat = torch.where(failed[:, None], z_star.detach().to(z_flat.dtype), z_flat)
-        return _tree.unflatten(z_flat, spec), result, captured[0] if captured else None
+
+        def attach(point: Tensor, on_result: Any) -> Tensor:
+            z_in = _clean_rows(point, result) if any_failed else point
+            out = self.backward.attach(f_flat, z_in, on_result, leaves=leaves)
+            if any_failed:
+                # Failed samples return their best iterate with no gradient; inside the attach
+                # their non-finite entries are zeros, so they cannot reach other gradients.
+                out = torch.where(failed[:, None], point.detach().to(out.dtype), out)
+            return out
+
+        z_flat = attach(z_star, record)
+        attached = tuple(
+            _tree.unflatten(attach(_tree.flatten(state), None), spec) for state in result.states
+        )
+        aux = captured[0] if captured else None
+        return _tree.unflatten(z_flat, spec), result, aux, attached
 
     def _needs_grad(self, inputs: tuple[Any, ...]) -> bool:
         if any(isinstance(x, Tensor) and x.requires_grad for x in inputs):

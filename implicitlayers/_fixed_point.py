@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ def fixed_point(
     *inputs: Any,
     solver: AbstractSolver | str = "anderson",
     independent_samples: bool = False,
+    states: Sequence[int] = (),
 ) -> SolverResult:
     r"""Solve :math:`z^\star = f(z^\star, \text{inputs})` for every sample of a batch.
 
@@ -57,6 +58,11 @@ def fixed_point(
             every tensor input whose leading dimension equals ``B`` is batched along it.
             The solve then also stops as soon as the last sample stops (``check_every`` does
             not apply: it counts the running samples every iteration anyway).
+        states: Iterations :math:`k` whose iterates :math:`z_k` to keep in
+            ``result.states`` (:math:`z_0` is ``z0``; :math:`z_k` is the iterate ``f`` is
+            evaluated on at iteration :math:`k`). A sample that stopped before :math:`k`, or a
+            :math:`k` the solve did not reach, gives the sample's returned iterate. Memory:
+            one state per entry, whatever ``max_iter`` is.
 
     Returns:
         A :class:`~implicitlayers.SolverResult`; ``result.z`` holds the solution.
@@ -81,6 +87,7 @@ def fixed_point(
         raise TypeError(f"f must be callable as f(z, *inputs), got {type(f).__name__}")
     if not isinstance(independent_samples, bool):
         raise TypeError(f"independent_samples must be a bool, got {independent_samples!r}")
+    record_at = _check_states(states)
     spec = _tree.spec_of(z0)
     parts = _tree.leaves(z0)
     batch = _tree.batch_size(parts)
@@ -101,8 +108,11 @@ def fixed_point(
                 n_steps=empty,
                 residual=flat0.new_zeros(0),
                 n_f_evals=0,
+                states=tuple(_tree.unflatten(flat0.to(out_dtype), spec) for _ in record_at),
             )
-        out = run_loop(f_flat, flat0, solver, independent_samples=independent_samples)
+        out = run_loop(
+            f_flat, flat0, solver, independent_samples=independent_samples, record_at=record_at
+        )
     result = SolverResult(
         z=_tree.unflatten(out.z.to(out_dtype), spec),
         status=out.status,
@@ -112,9 +122,24 @@ def fixed_point(
         n_f_evals=out.n_f_evals,
         trace=out.trace,
         rate=out.rate,
+        states=tuple(_tree.unflatten(state.to(out_dtype), spec) for state in out.states),
     )
     _apply_policies(result, solver)
     return result
+
+
+def _check_states(states: Sequence[int]) -> tuple[int, ...]:
+    """``states`` as a tuple of iteration indices, each a non-negative int."""
+    if isinstance(states, (str, bytes)) or not isinstance(states, Sequence):
+        raise TypeError(
+            f"states must be a sequence of iteration indices, e.g. (5, 10, 20), got {states!r}"
+        )
+    for k in states:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(
+                f"states must hold iteration indices k >= 0 (ints), got {k!r} in {states!r}"
+            )
+    return tuple(states)
 
 
 def _check_precision(solver: AbstractSolver, dtype: torch.dtype) -> None:

@@ -91,6 +91,9 @@ class SolverResult:
             over each sample's last step (a lower estimate of the Lipschitz constant of ``f``
             along that step); NaN where no step was taken, ``None`` when no estimate was
             made (an empty batch, a linear solve).
+        states: The iterates requested with ``fixed_point(..., states=(k1, k2, ...))``, each
+            with the structure of ``z0`` (a sample that stopped before :math:`k` gives its
+            returned iterate); empty when none were requested.
     """
 
     z: Any
@@ -101,6 +104,7 @@ class SolverResult:
     n_f_evals: int
     trace: Tensor | None = None
     rate: Tensor | None = None
+    states: tuple[Any, ...] = ()
 
     @property
     def error_estimate(self) -> Tensor | None:

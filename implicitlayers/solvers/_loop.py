@@ -37,6 +37,7 @@ class LoopOutput:
     n_f_evals: int
     trace: Tensor | None
     rate: Tensor
+    states: tuple[Tensor, ...] = ()
 
 
 class _Check(NamedTuple):
@@ -96,6 +97,7 @@ def run_loop(
     *,
     independent_samples: bool = False,
     host_reads: bool | None = None,
+    record_at: tuple[int, ...] = (),
 ) -> LoopOutput:
     """Iterate ``solver`` on the flat map ``f`` from ``z0`` of shape ``(B, n)``.
 
@@ -118,9 +120,14 @@ def run_loop(
     Which case holds is read on the host where that is free (``host_reads``; default: on CPU)
     or on the iterations that synchronise anyway (every ``check_every``); otherwise the
     masked path runs. ``z`` is never modified in place, so the best iterate can alias it.
+
+    ``record_at`` lists iterations :math:`k` whose batch :math:`z_k` (the iterate ``f`` is
+    evaluated on at iteration :math:`k`, :math:`z_0` the start) is kept in ``states``; a sample
+    that stopped before :math:`k`, or a :math:`k` the solve did not reach, contributes the
+    sample's returned iterate. Memory: one state per entry, whatever ``max_iter`` is.
     """
     if independent_samples:
-        return _run_compacted(f, z0, solver)
+        return _run_compacted(f, z0, solver, record_at)
     batch = z0.shape[0]
     device = z0.device
     host_free = device.type in _HOST_FREE if host_reads is None else host_reads
@@ -143,8 +150,11 @@ def run_loop(
     prev_fz: Tensor | None = None
     broke = torch.zeros(batch, dtype=torch.bool, device=device)
     trace: list[Tensor] = []
+    recorded: dict[int, Tensor] = {}
     n_f_evals = 0
     for k in range(solver.max_iter):
+        if k in record_at:
+            recorded[k] = z if all_active else torch.where(active[:, None], z, best_z)
         fz = f(z, None).to(z.dtype)
         n_f_evals += 1
         test = _check(solver, k, z, fz, first_res)
@@ -231,18 +241,22 @@ def run_loop(
         )
         best_res = res
     status = torch.where((status == int(Status.MAX_ITER)) & broke, int(Status.BREAKDOWN), status)
+    returned = best_z.clone() if best_z is z0 else best_z
     return LoopOutput(
-        z=best_z.clone() if best_z is z0 else best_z,
+        z=returned,
         status=status,
         n_steps=n_steps,
         residual=best_res,
         n_f_evals=n_f_evals,
         trace=torch.stack(trace) if trace else None,
         rate=rate,
+        states=tuple(recorded.get(k, returned) for k in record_at),
     )
 
 
-def _run_compacted(f: FlatMap, z0: Tensor, solver: AbstractSolver) -> LoopOutput:
+def _run_compacted(
+    f: FlatMap, z0: Tensor, solver: AbstractSolver, record_at: tuple[int, ...] = ()
+) -> LoopOutput:
     """:func:`run_loop` with ``independent_samples``: only the running rows are kept.
 
     ``f``, the residuals, the best-iterate tracking and the solver's state all live on the
@@ -267,8 +281,12 @@ def _run_compacted(f: FlatMap, z0: Tensor, solver: AbstractSolver) -> LoopOutput
     prev_z: Tensor | None = None
     prev_fz: Tensor | None = None
     trace: list[Tensor] = []
+    recorded: dict[int, Tensor] = {}
     n_f_evals = 0
     for k in range(solver.max_iter):
+        if k in record_at:
+            # Stopped rows hold their returned iterate in best_z already.
+            recorded[k] = z if len(idx) == batch else best_z.index_put((idx,), z)
         fz = f(z, None if len(idx) == batch else idx).to(z.dtype)
         n_f_evals += 1
         test = _check(solver, k, z, fz, row_first_res)
@@ -315,4 +333,5 @@ def _run_compacted(f: FlatMap, z0: Tensor, solver: AbstractSolver) -> LoopOutput
         n_f_evals=n_f_evals,
         trace=torch.stack(trace) if trace else None,
         rate=rate,
+        states=tuple(recorded.get(k, best_z) for k in record_at),
     )
