@@ -136,6 +136,7 @@ def test_gallery_script_runs(script: Path, monkeypatch: pytest.MonkeyPatch):
     import matplotlib.pyplot as plt
 
     monkeypatch.setattr(plt, "show", lambda *args, **kwargs: None)
+    monkeypatch.setenv("IMPLICITLAYERS_GALLERY_QUICK", "1")  # scripts with a long run cut it short
     try:
         runpy.run_path(str(script), run_name="__main__")
     finally:
