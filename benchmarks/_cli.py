@@ -22,6 +22,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "solvers": ("solvers", "Solvers: f evaluations, time to tolerance, overhead"),
     "freezing": ("freezing", "Per-sample freezing (independent_samples)"),
     "backward": ("backward", "Backward rules: cost in VJPs, memory, gradient accuracy"),
+    "adjoint": ("adjoint", "Adjoint solvers: GMRES against fixed-point solvers"),
     "memory": ("memory", "Training memory versus forward depth"),
     "peers": ("peers", "Against torchdeq"),
     "dense": ("dense", "Dense Jacobian inversion versus matrix-free implicit backward"),

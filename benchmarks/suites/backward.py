@@ -1,8 +1,10 @@
 """Suite 3: backward rules, cost in units of one VJP, memory, and gradient accuracy.
 
-For JFB, Neumann(k) and ImplicitDifferentiation with each adjoint solver: the time of
+For JFB, Neumann(k), the phantom gradients NeumannPhantom(k) and PhantomGradient(k), and
+ImplicitDifferentiation with each adjoint solver (GMRES among them): the time of
 ``loss.backward()`` in units of one vector-Jacobian product through ``f`` at the fixed point,
-the allocator peak during the backward pass, the number of reverse passes through ``f``, and
+the allocator peak during the backward pass, the bytes autograd saved in the forward pass,
+the number of reverse passes through ``f`` and of applications of ``f`` kept in the graph, and
 the cosine similarity of the parameter gradient to the exact one (implicit differentiation in
 float64 with both solves at rtol 1e-12).
 """
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 
 import implicitlayers as il
 
-from .._memory import peak_bytes
+from .._memory import SavedTensors, peak_bytes
 from .._plots import figure, save
 from .._problems import Counted, Problem
 from .._report import fmt, mib
@@ -31,14 +33,39 @@ TITLE = "Backward rules: cost in VJPs, memory, gradient accuracy"
 JFB_TARGET = 1.3
 
 
+#: Plot marker per rule family (the rule label up to its first parenthesis).
+MARKERS = {
+    "JFB": "o",
+    "Neumann": "s",
+    "NeumannPhantom": "^",
+    "PhantomGradient": "v",
+    "Implicit": "D",
+}
+#: (k, mixing) of the phantom-gradient rows.
+PHANTOM = ((2, 0.5), (5, 0.5), (10, 0.5), (5, 0.8))
+
+
 def _rules(quick: bool) -> dict[str, il.AbstractBackward]:
     adjoint: dict[str, Any] = {"max_iter": 100, "atol": 0.0, "rtol": 1e-5}
     rules: dict[str, il.AbstractBackward] = {"JFB": il.JFB()}
     for k in (1, 2) if quick else (1, 2, 5, 10):
         rules[f"Neumann(k={k})"] = il.Neumann(terms=k)
-    rules["Implicit(Picard)"] = il.ImplicitDifferentiation(solver=il.Picard(**adjoint))
-    rules["Implicit(Anderson)"] = il.ImplicitDifferentiation(solver=il.Anderson(**adjoint))
-    rules["Implicit(Broyden)"] = il.ImplicitDifferentiation(solver=il.Broyden(**adjoint))
+    phantom = PHANTOM[:1] if quick else PHANTOM
+    for k, lam in phantom:
+        rules[f"NeumannPhantom(k={k}, mixing={lam})"] = il.NeumannPhantom(terms=k, mixing=lam)
+    for k, lam in phantom:
+        rules[f"PhantomGradient(k={k}, mixing={lam})"] = il.PhantomGradient(steps=k, mixing=lam)
+    solvers: dict[str, il.AbstractSolver | il.linear.AbstractLinearSolver] = {
+        "Picard": il.Picard(**adjoint),
+        "Anderson": il.Anderson(**adjoint),
+        "Broyden": il.Broyden(**adjoint),
+        "GMRES": il.GMRES(restart=20, **adjoint),
+    }
+    for name, solver in solvers.items():
+        # Convergence is recorded from DEQ.last_backward_result, not warned about.
+        rules[f"Implicit({name})"] = il.ImplicitDifferentiation(
+            solver=solver, on_unconverged="ignore"
+        )
     return rules
 
 
@@ -159,15 +186,23 @@ def _run_problem(
     for label, rule in ctx.bar(list(rules.items()), f"backward {problem.name}"):
         deq = il.DEQ(counted, solver=start, backward=rule)
 
-        def forward(deq: il.DEQ = deq) -> Tensor:
+        solve: dict[str, il.SolverResult] = {}
+
+        def forward(deq: il.DEQ = deq, solve: dict[str, il.SolverResult] = solve) -> Tensor:
             problem.cell.zero_grad(set_to_none=True)
-            z, _ = deq(*problem.inputs, z0=z_star)
+            z, solve["result"] = deq(*problem.inputs, z0=z_star)
             return (z * weight).sum()
 
         timing, in_vjps, in_param_vjps = _paired_times(ctx, forward, unit_vjp, repeats)
+        forward_timing = measure(lambda _: forward(), device=ctx.device, repeats=repeats)
         memory = peak_bytes(lambda loss: loss.backward(), ctx.device, setup=forward)
         counted.reset()
-        forward().backward()
+        with SavedTensors(problem.cell.parameters()) as saved:
+            loss = forward()
+        # The forward solve's own evaluations run without autograd; the rest are the rule's
+        # applications of f kept in the graph (k for PhantomGradient, 1 for the others).
+        graph_applications = counted.forward_calls - solve["result"].n_f_evals
+        loss.backward()
         reverse_passes = counted.reverse_calls
         grad = _flat_grad(problem.cell).to(torch.float64)
         cosine = float(torch.nn.functional.cosine_similarity(grad, exact, dim=0))
@@ -182,12 +217,21 @@ def _run_problem(
             backward_time_in_vjps=in_vjps,
             backward_time_in_param_vjps=in_param_vjps,
             reverse_passes=reverse_passes,
+            graph_applications=graph_applications,
+            **forward_timing.as_dict("forward_time"),
+            saved_bytes=saved.nbytes,
             adjoint_n_f_evals=None if adjoint is None else adjoint.n_f_evals,
             adjoint_converged=None if adjoint is None else bool(adjoint.converged.all()),
             cosine_to_exact=cosine,
             relative_error_to_exact=float((grad - exact).norm() / exact.norm()),
             **memory,
         )
+
+
+def _adjoint_cell(record: dict[str, Any]) -> str:
+    if record["adjoint_n_f_evals"] is None:
+        return "-"
+    return f"{record['adjoint_n_f_evals']} ({fmt(record['adjoint_converged'])})"
 
 
 def _summarise(ctx: SuiteContext, suite: SuiteResult, problems: list[Problem]) -> None:
@@ -200,7 +244,11 @@ def _summarise(ctx: SuiteContext, suite: SuiteResult, problems: list[Problem]) -
             fmt(r["backward_time_in_vjps"]),
             fmt(r["backward_time_in_param_vjps"]),
             str(r["reverse_passes"]),
+            str(r["graph_applications"]),
+            fmt(r["forward_time_s"] * 1e3),
+            mib(r["saved_bytes"]),
             mib(r["peak_bytes"]),
+            _adjoint_cell(r),
             fmt(r["cosine_to_exact"], 6),
         ]
         for r in suite.records
@@ -212,11 +260,15 @@ def _summarise(ctx: SuiteContext, suite: SuiteResult, problems: list[Problem]) -
             [
                 "problem",
                 "rule",
-                "time ms",
+                "backward ms",
                 "in VJPs (z+params)",
                 "in VJPs (params)",
                 "reverse passes",
-                "peak MiB",
+                "f in graph",
+                "forward ms",
+                "saved MiB",
+                "backward peak MiB",
+                "adjoint VJPs (converged)",
                 "cosine to exact",
             ],
             rows,
@@ -247,7 +299,22 @@ def _summarise(ctx: SuiteContext, suite: SuiteResult, problems: list[Problem]) -
         "allocator peak during loss.backward() above what was live before ("
         + ("CUDA max_memory_allocated" if ctx.is_cuda else "torch.profiler allocator events")
         + "). Exact gradient: implicit differentiation in float64, forward and adjoint solved "
-        "by Anderson to rtol 1e-12. Adjoint solvers: max_iter=100, atol=0, rtol=1e-5."
+        "by Anderson to rtol 1e-12. Adjoint solvers: max_iter=100, atol=0, rtol=1e-5 "
+        "(GMRES with restart=20; its rtol is relative to ||g||, a fixed-point solver's to "
+        "||J^T u + g||), on_unconverged='ignore', the VJPs and convergence read from "
+        "DEQ.last_backward_result."
+    )
+    suite.notes.append(
+        "Phantom gradients (Geng et al., 2021), mixing = lambda: NeumannPhantom(k) sums "
+        "lambda sum_{i<k} ((1 - lambda) I + lambda J^T)^i g with k - 1 VJPs at z*, plus the "
+        "reverse pass that maps u to the parameters; PhantomGradient(k) backpropagates "
+        "through k damped steps z <- (1 - lambda) z + lambda f(z) taken from the detached z*: "
+        "k reverse passes, and the k applications of f run in the forward pass, kept in the "
+        "graph. 'f in graph' counts the applications of f made under autograd after the "
+        "forward solve (1 for every other rule); 'forward ms' times the whole forward from "
+        "z* (the solver's one evaluation of f plus those applications); 'saved MiB' is what "
+        "autograd saved for backward during it (saved_tensors_hooks, parameters excluded). "
+        "At an exact fixed point the two phantom rules give the same gradient."
     )
     jfb = [r for r in suite.records if r["kind"] == "backward" and r["rule"] == "JFB"]
     if jfb:
@@ -266,21 +333,26 @@ def _summarise(ctx: SuiteContext, suite: SuiteResult, problems: list[Problem]) -
                 ),
             )
         )
-    fig, axes = figure(len(problems), width=5.0)
+    # Reverse passes, not time, on the x axis: they are deterministic on a shared machine.
+    fig, axes = figure(len(problems), width=5.5, height=4.0)
     for ax, problem in zip(axes, problems, strict=True):
         recs = [
             r for r in suite.records if r["kind"] == "backward" and r["problem"] == problem.name
         ]
-        for r in recs:
-            ax.scatter(r["backward_time_in_vjps"], 1 - r["cosine_to_exact"] + 1e-16)
-            ax.annotate(
-                r["rule"],
-                (r["backward_time_in_vjps"], 1 - r["cosine_to_exact"] + 1e-16),
-                fontsize=7,
-            )
+        for family, marker in MARKERS.items():
+            fam = [r for r in recs if r["rule"].split("(")[0] == family]
+            if not fam:
+                continue
+            xs = [r["reverse_passes"] for r in fam]
+            ys = [1 - r["cosine_to_exact"] + 1e-16 for r in fam]
+            ax.scatter(xs, ys, marker=marker, label=family)
+            for r, x, y in zip(fam, xs, ys, strict=True):
+                detail = r["rule"][len(family) :].strip("()").replace("mixing=", "")
+                ax.annotate(detail, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("backward time (VJPs)")
+        ax.set_xlabel("reverse passes through f in the backward pass")
         ax.set_ylabel("1 - cosine to exact gradient")
         ax.set_title(problem.name, fontsize=9)
+        ax.legend(fontsize=7)
     suite.plots.append(save(fig, ctx.out, "backward_cost_vs_accuracy.png"))

@@ -40,8 +40,10 @@ class ImplicitDifferentiation(AbstractBackward):
 
     either as a linear system with a Krylov solver (the default, :class:`~implicitlayers.GMRES`:
     it needs only :math:`I - J^\top` invertible) or as a fixed point with any fixed-point
-    solver object (:class:`~implicitlayers.Anderson`, ..., which need the spectral radius
-    :math:`\rho(J) < 1` and slow down as it nears 1). The solve has its own tolerance and
+    solver object (:class:`~implicitlayers.Picard` needs the spectral radius
+    :math:`\rho(J) < 1` and slows down as it nears 1; :class:`~implicitlayers.Anderson` and
+    :class:`~implicitlayers.Broyden` often converge beyond it, with a large enough history,
+    but without a guarantee: see the ``adjoint`` benchmark). The solve has its own tolerance and
     budget, separate from the forward solve's; its :class:`~implicitlayers.SolverResult` is
     kept as ``DEQ.last_backward_result``.
 
