@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import implicitlayers as il
 from implicitlayers import SolverResult, Status
 from implicitlayers.linear import GMRES, AbstractLinearSolver
 
@@ -60,6 +61,14 @@ def test_solves_adjoint_systems_on_which_the_fixed_point_iteration_diverges():
     for _ in range(30):
         u = (u[:, None, :] @ J).squeeze(1) + g
     assert (torch.linalg.vector_norm(u - u_star, dim=1) > 100 * u_star.norm(dim=1)).all()
+    # So does the Anderson adjoint of ImplicitDifferentiation, and Broyden's: none converges.
+    for fixed_point_solver in (
+        il.Anderson(max_iter=200, rtol=1e-10, on_nonfinite="ignore"),
+        il.Broyden(max_iter=200, rtol=1e-10, on_nonfinite="ignore"),
+    ):
+        rule = il.ImplicitDifferentiation(solver=fixed_point_solver, on_unconverged="ignore")
+        _, failed = rule.adjoint(lambda v: (v[:, None, :] @ J).squeeze(1), g)
+        assert not failed.converged.any()
     # GMRES on (I - J^T) u = g solves it, from the products u^T J alone.
     result = GMRES(restart=n, atol=0.0, rtol=1e-12).solve(adjoint(J), g)
     assert isinstance(result, SolverResult)
