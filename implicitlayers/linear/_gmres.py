@@ -267,14 +267,19 @@ class _Run:
         w_norm = torch.linalg.vector_norm(w, dim=1)
         blew_up = rows & ~torch.isfinite(w_norm)
         live = rows & ~blew_up
-        # Classical Gram-Schmidt against v_0..v_k, twice.
-        in_basis = self.cols <= k[:, None]
-        h = torch.zeros_like(self.g)
+        # Classical Gram-Schmidt against v_0..v_k, twice, over the columns some row has
+        # filled (k_bound bounds every row's k on the host): the early steps of a cycle do
+        # not read the whole (B, m + 1, n) basis.
+        filled = self.k_bound + 1
+        basis = V[:, :filled]
+        in_basis = self.cols[:, :filled] <= k[:, None]
+        coefs = w.new_zeros(w.shape[0], filled)
         for _ in range(2):
-            coef = torch.bmm(w[:, None, :], V.transpose(1, 2)).squeeze(1)
+            coef = torch.bmm(w[:, None, :], basis.transpose(1, 2)).squeeze(1)
             coef = torch.where(in_basis, coef, 0.0)
-            w = w - torch.bmm(coef[:, None, :], V).squeeze(1)
-            h = h + coef
+            w = w - torch.bmm(coef[:, None, :], basis).squeeze(1)
+            coefs = coefs + coef
+        h = torch.nn.functional.pad(coefs, (0, m + 1 - filled))
         h_next = torch.linalg.vector_norm(w, dim=1)
         # Column k of H-bar (entries 0..k+1), then the earlier rotations, identities past k.
         entries = list(torch.where(self.cols == k[:, None] + 1, h_next[:, None], h).unbind(1))
