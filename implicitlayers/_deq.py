@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import _tree
 from ._errors import ConvergenceError
-from ._fixed_point import check_structure, fixed_point
+from ._fixed_point import _check_states, check_structure, fixed_point
 from ._result import SolverResult, Status
 from .backward import AbstractBackward
 from .backward._names import as_backward
@@ -233,7 +233,7 @@ class DEQ(nn.Module):
         frozen = one_map(self.f) if isinstance(self.f, nn.Module) else contextlib.nullcontext()
         with frozen:
             z, result, aux, attached = self._solve_and_attach(
-                inputs, z0, default_z0, solver_, tuple(states)
+                inputs, z0, default_z0, solver_, _check_states(states)
             )
             penalty = radius = None
             if jacobian_penalty or spectral_radius:
@@ -314,7 +314,13 @@ class DEQ(nn.Module):
                     captured.append(out[1])
                 out = out[0]
             check_structure(out, spec)
-            return _tree.flatten(out)
+            flat = _tree.flatten(out)
+            if flat.shape[0] != z.shape[0]:
+                raise ValueError(
+                    f"f returned a batch of {flat.shape[0]} samples for a state of "
+                    f"{z.shape[0]}; f must keep the batch dimension"
+                )
+            return flat
 
         self_ref = weakref.ref(self)
 

@@ -366,3 +366,41 @@ def test_error_estimate_tracks_the_true_error_where_the_residual_does_not(cls, g
     if error > 1e-9:  # accelerated solvers may land on the fixed point exactly
         assert estimate == pytest.approx(error, rel=0.05)
     assert result.rate.item() == pytest.approx(g, rel=1e-6)
+
+
+# --- Found by a new user -------------------------------------------------------------------
+
+
+def test_implicit_gradient_under_bfloat16_autocast_and_on_bfloat16_states():
+    torch.manual_seed(0)
+    cell, inject = nn.Linear(8, 8), nn.Linear(8, 8)
+    rule = il.ImplicitDifferentiation(solver=il.GMRES(rtol=1e-2), on_unconverged="ignore")
+    deq = il.DEQ(
+        lambda z, x: torch.tanh(0.5 * cell(z) + inject(x)),
+        solver=il.Anderson(max_iter=50, rtol=1e-2),
+        backward=rule,
+    )
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, _ = deq(x)
+    z.float().square().mean().backward()
+    grad_amp = cell.weight.grad.clone()
+    cell.zero_grad()
+    z32, _ = il.DEQ(deq.f, solver=il.Anderson(max_iter=50, rtol=1e-6), backward="implicit")(x)
+    z32.square().mean().backward()
+    cosine = torch.nn.functional.cosine_similarity(
+        grad_amp.flatten(), cell.weight.grad.flatten(), 0
+    )
+    assert cosine > 0.98  # bfloat16 products, float32 solve: the same gradient to bf16 accuracy
+    xb = torch.randn(3, 4).bfloat16().requires_grad_()
+    out = il.DEQ(
+        lambda z, x: torch.tanh(0.5 * z + x), solver=il.Anderson(rtol=1e-2), backward=rule
+    )(xb)
+    out.z.float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad).all()
+
+
+def test_f_that_drops_samples_is_an_error_not_a_broadcast_success():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="batch of 1 samples for a state of 3"):
+        il.DEQ(lambda z, x: (0.5 * z + x)[:1])(x.requires_grad_())

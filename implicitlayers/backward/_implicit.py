@@ -98,8 +98,16 @@ class ImplicitDifferentiation(AbstractBackward):
     def adjoint(self, vjp: VJP, grad: Tensor) -> tuple[Tensor, SolverResult | None]:
         solver = self.solver
         if isinstance(solver, AbstractLinearSolver):
+            # Half-precision gradients (autocast, bfloat16 states) are solved in float32, as
+            # the forward's bookkeeping is; the products go back in the gradient's dtype.
+            work = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+
+            def matvec(u: Tensor) -> Tensor:
+                return u - vjp(u.to(grad.dtype)).to(work)
+
             with torch.no_grad():
-                result = solver.solve(lambda u: u - vjp(u), grad)
+                result = solver.solve(matvec, grad.to(work))
+            result = dataclasses.replace(result, z=result.z.to(grad.dtype))
         else:
             quiet = dataclasses.replace(solver, on_max_iter="ignore", on_nonfinite="ignore")
             result = fixed_point(lambda u: vjp(u) + grad, grad, solver=quiet)
