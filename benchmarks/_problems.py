@@ -322,3 +322,205 @@ def residual_block_problem(
     shape = (batch, channels, size, size)
     name = f"residual block {channels}x{size}x{size}"
     return _injected(name, cell, shape, seed, {"family": "residual_block"}).to(device, dtype)
+
+
+class MLPCell(nn.Module):
+    r"""The smallest common DEQ cell, :math:`f(z, x) = \tanh(\tfrac12 W z + U x)`.
+
+    ``W`` and ``U`` are ``nn.Linear(width, width)`` (PyTorch's default initialisation for
+    ``U``); ``W``'s weight is set to :math:`2c\,Q` with :math:`Q` orthogonal (from the QR
+    factorisation of its default weight), so :math:`\tfrac12 W` has every singular value
+    equal to ``contraction`` and residuals shrink by about that factor per Picard step: far
+    from both the tolerance and round-off over a few dozen iterations. One call costs two
+    small matrix products (the one with ``U`` can be precomputed: ``x`` is fixed), which is
+    the regime where the solver's bookkeeping, not ``f``, decides the speed.
+
+    Args:
+        width: Features per sample.
+        contraction: The singular values of :math:`\tfrac12 W`.
+        seed: Seed of the random initialisation.
+    """
+
+    def __init__(self, width: int = 64, contraction: float = 0.95, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.W = nn.Linear(width, width)
+        self.U = nn.Linear(width, width)
+        with torch.no_grad():
+            self.W.weight.copy_(2 * contraction * torch.linalg.qr(self.W.weight)[0])
+        self.contraction = contraction
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        """Apply the cell."""
+        return torch.tanh(0.5 * self.W(z) + self.U(x))
+
+
+class GraphConvCell(nn.Module):
+    r"""An implicit graph layer (IGNN-style), :math:`f(Z, X) = \tanh(\kappa\, \hat A Z W + X)`.
+
+    :math:`\hat A = D^{-1/2} (A + I) D^{-1/2}` is the symmetrically normalised adjacency of a
+    ring with ``extra_edges`` random chords, stored as a sparse COO matrix (its eigenvalues
+    lie in :math:`[-1, 1]`), and :math:`W` is orthogonal, so :math:`f` contracts with factor
+    at most :math:`\kappa`. ``Z`` has shape ``(B, nodes, features)``: the sparse product
+    runs once per call on the ``(nodes, B * features)`` matrix.
+
+    Args:
+        nodes: Graph size.
+        features: Features per node.
+        contraction: :math:`\kappa`.
+        extra_edges: Random chords added to the ring.
+        seed: Seed of the graph and of :math:`W`.
+    """
+
+    def __init__(
+        self,
+        nodes: int = 256,
+        features: int = 16,
+        contraction: float = 0.9,
+        extra_edges: int = 512,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        ring = torch.arange(nodes)
+        src = torch.cat((ring, torch.randint(0, nodes, (extra_edges,), generator=gen)))
+        dst = torch.cat(
+            ((ring + 1) % nodes, torch.randint(0, nodes, (extra_edges,), generator=gen))
+        )
+        dense = torch.zeros(nodes, nodes)
+        dense[src, dst] = 1.0
+        dense = ((dense + dense.T) > 0).float() + torch.eye(nodes)
+        scale = dense.sum(1).rsqrt()
+        adjacency = (scale[:, None] * dense * scale[None, :]).to_sparse().coalesce()
+        self.register_buffer("adjacency", adjacency)
+        q, _ = torch.linalg.qr(torch.randn(features, features, generator=gen))
+        self.weight = nn.Parameter(contraction * q)
+        self.contraction = contraction
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        """Apply the layer; ``z`` and ``x`` have shape ``(B, nodes, features)``."""
+        batch, nodes, features = z.shape
+        flat = z.transpose(0, 1).reshape(nodes, batch * features)
+        mixed = torch.sparse.mm(self.adjacency, flat)
+        mixed = mixed.reshape(nodes, batch, features).transpose(0, 1)
+        return torch.tanh(mixed @ self.weight + x)
+
+
+def mlp_problem(
+    *,
+    batch: int = 64,
+    width: int = 64,
+    contraction: float = 0.95,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Problem:
+    """:class:`MLPCell` on a random input ``x`` of shape ``(batch, width)``, from zero."""
+    cell = MLPCell(width, contraction, seed).eval()
+    x = torch.randn(batch, width, generator=torch.Generator().manual_seed(seed + 1))
+    info = {"family": "mlp", "batch": batch, "width": width, "contraction": contraction}
+    problem = Problem(f"MLP {width}", cell, (x,), torch.zeros_like(x), info)
+    return problem.to(device, dtype)
+
+
+def graph_problem(
+    *,
+    batch: int = 8,
+    nodes: int = 256,
+    features: int = 16,
+    contraction: float = 0.9,
+    extra_edges: int = 512,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Problem:
+    """:class:`GraphConvCell` on a random input of shape ``(batch, nodes, features)``."""
+    cell = GraphConvCell(nodes, features, contraction, extra_edges, seed).eval()
+    shape = (batch, nodes, features)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+    info = {"family": "graph", "batch": batch, "nodes": nodes, "features": features}
+    problem = Problem(f"graph {nodes}x{features}", cell, (x,), torch.zeros_like(x), info)
+    return problem.to(device, dtype)
+
+
+class _Map(nn.Module):
+    """A fixed-point map given as a function of ``(z, *inputs)``, as a cell."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z: Tensor, *inputs: Tensor) -> Tensor:
+        """Apply the map."""
+        out: Tensor = self.fn(z, *inputs)
+        return out
+
+
+def _robertson(y: Tensor) -> Tensor:
+    """The Robertson chemical kinetics right-hand side (a stiff ODE), row by row."""
+    k1, k2, k3 = 0.04, 3e7, 1e4
+    a, b, c = y.unbind(dim=1)
+    return torch.stack((-k1 * a + k3 * b * c, k1 * a - k2 * b**2 - k3 * b * c, k2 * b**2), dim=1)
+
+
+def small_map_problems(*, batch: int = 4, seed: int = 19) -> list[Problem]:
+    r"""Small float64 fixed-point maps with known character, for solver iteration counts.
+
+    In the spirit of optimistix's and NLsolve.jl's fixed-point test problems (rebuilt here,
+    in PyTorch, with a batch): scalar maps (:math:`\cos z`, :math:`e^{-z}`,
+    :math:`\sqrt{10 / (z + 10)}`, :math:`0.3 \sin z + 1`), a :math:`0.1`-scaled softplus MLP,
+    implicit-midpoint steps of a linear ODE and of the stiff Robertson kinetics, and
+    :math:`\tanh(Az + x)` at :math:`\|A\| = 0.05, 0.1, 0.2`, which Picard solves in 5 to 12
+    evaluations at ``rtol=1e-10`` (``info["picard_easy"]``), plus slow ones where
+    acceleration pays (a symmetric tanh layer at 0.95, an affine map at 0.9, a ReLU layer at
+    0.99).
+    """
+    dtype = torch.float64
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    n = 28
+    M = randn(n, n)
+    W1, b1, W2, b2 = randn(8, n) / math.sqrt(n), randn(8), randn(n, 8) / math.sqrt(8), randn(n)
+    ones = 0.5 * torch.ones(batch, n, dtype=dtype) + 0.1 * randn(batch, n)
+    y0 = torch.ones(batch, n, dtype=dtype)
+    dt = 1 / 16
+    r0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=dtype).repeat(batch, 1)
+    r0 = r0 + 1e-5 * torch.rand(batch, 3, generator=gen, dtype=dtype)
+    A = randn(64, 64)
+    A = A / torch.linalg.matrix_norm(A, 2)
+    x = randn(batch, 64)
+    S = randn(64, 64)
+    S = S + S.T
+    S = 0.95 * S / torch.linalg.matrix_norm(S, 2)
+    R = randn(64, 64)
+    R = 0.99 * R / torch.linalg.matrix_norm(R, 2)
+    zeros64 = torch.zeros(batch, 64, dtype=dtype)
+    start5 = torch.ones(batch, 5, dtype=dtype) + 0.1 * randn(batch, 5)
+    cases: list[tuple[str, Any, Tensor, bool]] = [
+        ("cos z", torch.cos, ones, False),
+        ("exp(-z)", lambda z: torch.exp(-z), ones, False),
+        (
+            "0.1 softplus MLP",
+            lambda z: 0.1 * (F.softplus(z @ W1.T + b1) @ W2.T + b2),
+            ones,
+            True,
+        ),
+        ("midpoint, linear ODE", lambda z: y0 + dt * (0.5 * (y0 + z)) @ M.T, y0, False),
+        ("Robertson midpoint h=1e-4", lambda y: r0 + 1e-4 * _robertson(0.5 * (r0 + y)), r0, True),
+        ("Robertson midpoint h=1e-3", lambda y: r0 + 1e-3 * _robertson(0.5 * (r0 + y)), r0, False),
+        ("tanh(Az + x), norm 0.05", lambda z: torch.tanh(0.05 * z @ A.T + x), zeros64, True),
+        ("tanh(Az + x), norm 0.1", lambda z: torch.tanh(0.1 * z @ A.T + x), zeros64, True),
+        ("tanh(Az + x), norm 0.2", lambda z: torch.tanh(0.2 * z @ A.T + x), zeros64, True),
+        ("sqrt(10 / (z + 10))", lambda z: torch.sqrt(10 / (z + 10)), start5, True),
+        ("0.3 sin z + 1", lambda z: 0.3 * torch.sin(z) + 1, start5, True),
+        ("tanh(Sz + x), S sym., 0.95", lambda z: torch.tanh(z @ S.T + x), zeros64, False),
+        ("0.9 Az + x", lambda z: 0.9 * z @ A.T + x, zeros64, False),
+        ("relu(Rz + x), 0.99", lambda z: torch.relu(z @ R.T + x), zeros64, False),
+    ]
+    return [
+        Problem(name, _Map(fn), (), z0, {"family": "small_map", "picard_easy": easy})
+        for name, fn, z0, easy in cases
+    ]

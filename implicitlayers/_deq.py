@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import _tree
 from ._errors import ConvergenceError
-from ._fixed_point import _check_states, check_structure, fixed_point
+from ._fixed_point import _batch_error, _check_states, check_structure, fixed_point
 from ._result import SolverResult, Status
 from .backward import AbstractBackward
 from .backward._names import as_backward
@@ -316,10 +316,7 @@ class DEQ(nn.Module):
             check_structure(out, spec)
             flat = _tree.flatten(out)
             if flat.shape[0] != z.shape[0]:
-                raise ValueError(
-                    f"f returned a batch of {flat.shape[0]} samples for a state of "
-                    f"{z.shape[0]}; f must keep the batch dimension"
-                )
+                _batch_error(flat.shape[0], z.shape[0])
             return flat
 
         self_ref = weakref.ref(self)

@@ -33,6 +33,7 @@ def fixed_point(
     solver: AbstractSolver | str = "anderson",
     independent_samples: bool = False,
     states: Sequence[int] = (),
+    host_reads: bool | None = None,
 ) -> SolverResult:
     r"""Solve :math:`z^\star = f(z^\star, \text{inputs})` for every sample of a batch.
 
@@ -63,6 +64,13 @@ def fixed_point(
             evaluated on at iteration :math:`k`). A sample that stopped before :math:`k`, or a
             :math:`k` the solve did not reach, gives the sample's returned iterate. Memory:
             one state per entry, whatever ``max_iter`` is.
+        host_reads: Whether the loop may read per-sample flags on the host every iteration.
+            ``None`` (default): where that is free, i.e. on the CPU. ``False``: the loop reads
+            the host only once every ``check_every`` iterations (to stop once no sample runs),
+            as it does on a GPU; between two reads it launches no synchronisation, so the
+            chunk can be captured by ``torch.compile`` as one graph (see the guide's compile
+            recipe). ``True``: read every iteration anywhere. The results are the same to
+            the last bit; only the operations and host reads per iteration differ.
 
     Returns:
         A :class:`~implicitlayers.SolverResult`; ``result.z`` holds the solution.
@@ -87,6 +95,8 @@ def fixed_point(
         raise TypeError(f"f must be callable as f(z, *inputs), got {type(f).__name__}")
     if not isinstance(independent_samples, bool):
         raise TypeError(f"independent_samples must be a bool, got {independent_samples!r}")
+    if host_reads is not None and not isinstance(host_reads, bool):
+        raise TypeError(f"host_reads must be None, True or False, got {host_reads!r}")
     record_at = _check_states(states)
     spec = _tree.spec_of(z0)
     parts = _tree.leaves(z0)
@@ -111,7 +121,12 @@ def fixed_point(
                 states=tuple(_tree.unflatten(flat0.to(out_dtype), spec) for _ in record_at),
             )
         out = run_loop(
-            f_flat, flat0, solver, independent_samples=independent_samples, record_at=record_at
+            f_flat,
+            flat0,
+            solver,
+            independent_samples=independent_samples,
+            host_reads=host_reads,
+            record_at=record_at,
         )
     result = SolverResult(
         z=_tree.unflatten(out.z.to(out_dtype), spec),
@@ -150,8 +165,9 @@ def _check_precision(solver: AbstractSolver, dtype: torch.dtype) -> None:
     eps = torch.finfo(dtype).eps
     if solver.rtol < eps:
         warnings.warn(
-            f"rtol={solver.rtol:g} is below the precision of {dtype} (eps {eps:.2g}): the "
-            "residual cannot reach it, so samples run to max_iter. Pass rtol >= "
+            f"rtol={solver.rtol:g} is below the precision of {dtype} (eps {eps:.2g}): unless "
+            "the fixed point happens to be exactly representable, the residual cannot reach "
+            "it and samples run to max_iter. Pass rtol >= "
             f"{_round_up(eps)} for {dtype} states (e.g. {type(solver).__name__}"
             f"(rtol={_round_up(eps)})), or solve in a wider dtype.",
             ConvergenceWarning,
@@ -189,6 +205,8 @@ def _flat_map(
     amp: AutocastSplit,
 ) -> Callable[[Tensor, Tensor | None], Tensor]:
     """Wrap ``f`` to map flat ``(b, n)`` iterates to flat outputs, checking the structure."""
+    if spec.kind == "tensor" and not amp.enabled:
+        return _flat_tensor_map(f, spec, inputs, batch, dtype)
 
     def f_flat(z: Tensor, idx: Tensor | None) -> Tensor:
         args = inputs if idx is None else tuple(_select(x, idx, batch) for x in inputs)
@@ -198,22 +216,69 @@ def _flat_map(
         else:  # the common case, without a context manager's cost on every call
             out = f(_tree.unflatten(z.to(dtype), spec), *args)
         check_structure(out, spec)
-        return _tree.flatten(out)
+        flat_out = _tree.flatten(out)
+        if flat_out.shape[0] != z.shape[0]:
+            _batch_error(flat_out.shape[0], z.shape[0])
+        return flat_out
 
     return f_flat
 
 
+def _flat_tensor_map(
+    f: Callable[..., Any],
+    spec: _tree.TreeSpec,
+    inputs: tuple[Any, ...],
+    batch: int,
+    dtype: torch.dtype,
+) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """:func:`_flat_map` for a single-tensor state without autocast, the common case.
+
+    ``f`` is called once per iteration, so the wrapper adds no tensor operation it can avoid:
+    no reshape of a state that is already flat, no cast to the dtype it has.
+    """
+    shape = spec.shape
+    flat = len(shape) == 1
+
+    def f_flat(z: Tensor, idx: Tensor | None) -> Tensor:
+        args = inputs if idx is None else tuple(_select(x, idx, batch) for x in inputs)
+        if z.dtype != dtype:
+            z = z.to(dtype)
+        out = f(z if flat else z.reshape(z.shape[0], *shape), *args)
+        if not isinstance(out, Tensor) or out.shape[1:] != shape:
+            check_structure(out, spec)  # raises, naming both structures
+        if out.shape[0] != z.shape[0]:
+            _batch_error(out.shape[0], z.shape[0])
+        flat_out: Tensor = out if out.dim() == 2 else out.reshape(out.shape[0], -1)
+        return flat_out
+
+    return f_flat
+
+
+def _batch_error(got: int, expected: int) -> None:
+    """Raise for an ``f`` whose output has another batch size than its input (broadcasting
+    would otherwise give every sample one sample's answer)."""
+    raise ValueError(
+        f"f returned a batch of {got} samples for a state of {expected}; f must keep the "
+        "batch dimension (one output row per input row)"
+    )
+
+
 def check_structure(out: Any, spec: _tree.TreeSpec) -> None:
     """Raise a ``ValueError`` naming both structures when ``f``'s output does not match ``z0``."""
+    hint = ""
+    if spec.kind == "tensor" and isinstance(out, tuple) and len(out) == 2:
+        hint = " If f returns (z_next, aux), construct the DEQ with has_aux=True."
     try:
         out_spec = _tree.spec_of(out)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"f returned {type(out).__name__}, expected {spec.describe()}") from err
+        raise ValueError(
+            f"f returned {type(out).__name__}, expected {spec.describe()}.{hint}"
+        ) from err
     if out_spec != spec:
         raise ValueError(
             f"f(z, *inputs) returned shape {out_spec.describe()} but z0 has shape "
             f"{spec.describe()}; a fixed point needs f to map z to the same shape. Pass z0 "
-            "with the shape of f's output (DEQ(...)(x, z0=...), fixed_point(f, z0, x))."
+            "with the shape of f's output (DEQ(...)(x, z0=...), fixed_point(f, z0, x))." + hint
         )
 
 
@@ -225,7 +290,8 @@ def _select(x: Any, idx: Tensor, batch: int) -> Any:
 
 def _apply_policies(result: SolverResult, solver: AbstractSolver) -> None:
     status = result.status
-    logger.debug("fixed_point: %s", result.summary())
+    if logger.isEnabledFor(logging.DEBUG):  # the summary reads the statuses on the host
+        logger.debug("fixed_point: %s", result.summary())
     nonfinite = status == int(Status.NONFINITE)
     failed = (status != int(Status.SUCCESS)) & ~nonfinite
     for mask, policy in ((nonfinite, solver.on_nonfinite), (failed, solver.on_max_iter)):

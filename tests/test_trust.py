@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 from zoo import TanhCell
 
 import implicitlayers as il
@@ -402,5 +402,18 @@ def test_implicit_gradient_under_bfloat16_autocast_and_on_bfloat16_states():
 
 def test_f_that_drops_samples_is_an_error_not_a_broadcast_success():
     x = torch.randn(3, 4)
+    for z0 in (torch.zeros(3, 4), (torch.zeros(3, 4),)):
+        f = (
+            (lambda z, x: (0.5 * z + x)[:1])
+            if isinstance(z0, Tensor)
+            else (lambda z, x: ((0.5 * z[0] + x)[:1],))
+        )
+        with pytest.raises(ValueError, match="batch of 1 samples for a state of 3"):
+            il.fixed_point(f, z0, x)
     with pytest.raises(ValueError, match="batch of 1 samples for a state of 3"):
-        il.DEQ(lambda z, x: (0.5 * z + x)[:1])(x.requires_grad_())
+        il.DEQ(lambda z, x: (0.5 * z + x)[:1])(x)
+
+
+def test_f_returning_a_pair_without_has_aux_is_told_about_has_aux():
+    with pytest.raises(ValueError, match="has_aux=True"):
+        il.DEQ(lambda z, x: (0.5 * z + x, z.sum()))(torch.randn(2, 3))

@@ -10,6 +10,15 @@ time of the solve, and the solver's own overhead
 measured two ways: *inline* (``f`` timed inside the same solve, so both terms come from the
 same run: the primary figure on a shared CPU) and *isolated* (``t_f`` timed on its own). Also
 the residual-versus-iteration traces (``trace=True``).
+
+Two more measurements, for DEQs whose ``f`` is small (where the bookkeeping, not ``f``,
+decides the speed):
+
+* time outside ``f`` per iteration on small-``f`` problems (an MLP cell, a sparse graph
+  convolution), ``max_iter`` iterations with a tolerance never met, against a hand-written
+  Picard loop timed in the same run, alternated repeat by repeat;
+* ``f`` evaluations on a set of small float64 maps at ``rtol=1e-10``, several of which Picard
+  solves in 5 to 12 evaluations, where Anderson must not cost more than Picard.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import torch
 import implicitlayers as il
 
 from .._plots import figure, save
-from .._problems import Problem
+from .._problems import Problem, graph_problem, mlp_problem, small_map_problems
 from .._report import fmt
 from .._timing import CallTimer, measure, synchronize
 from .._types import Acceptance, SuiteContext, SuiteResult
@@ -33,6 +42,8 @@ NAME = "solvers"
 TITLE = "Solvers: f evaluations, time to tolerance, overhead"
 ACCEPTANCE_SIZE = 64
 ACCEPTANCE_RTOL = 1e-4
+#: Time outside f per iteration on the MLP cell, in microseconds (the issue's CPU targets).
+OVERHEAD_TARGET_US = {"picard": 30.0, "anderson": 120.0, "broyden": 120.0}
 
 
 def _config(ctx: SuiteContext) -> dict[str, Any]:
@@ -158,7 +169,174 @@ def run(ctx: SuiteContext) -> SuiteResult:
                 relative_residual=traces[problem.name][solver_name],
             )
     _summarise(ctx, suite, problems, traces)
+    _small_f_overhead(ctx, suite)
+    _small_maps(suite)
     return suite
+
+
+def small_f_problems(ctx: SuiteContext) -> list[Problem]:
+    """The MLP cell (batch 64, width 64) and the graph layer (batch 8, 256 nodes x 16)."""
+    if ctx.quick:
+        return [
+            mlp_problem(batch=8, width=16, device=ctx.device),
+            graph_problem(batch=2, nodes=32, features=4, extra_edges=32, device=ctx.device),
+        ]
+    return [mlp_problem(device=ctx.device), graph_problem(device=ctx.device)]
+
+
+def _raw_loop(problem: Problem, iterations: int, device: torch.device) -> Any:
+    """A hand-written Picard loop: ``iterations`` calls of f and nothing else."""
+
+    def run() -> int:
+        with torch.no_grad():
+            z = problem.z0
+            for _ in range(iterations):
+                z = problem.f(z)
+        synchronize(device)
+        return iterations
+
+    return run
+
+
+def _solve(problem: Problem, solver: il.AbstractSolver, device: torch.device) -> Any:
+    """One solve of ``problem``; returns its f evaluations."""
+
+    def run() -> int:
+        with torch.no_grad():
+            result = il.fixed_point(problem.cell, problem.z0, *problem.inputs, solver=solver)
+        synchronize(device)
+        return result.n_f_evals
+
+    return run
+
+
+def _small_f_overhead(ctx: SuiteContext, suite: SuiteResult) -> None:
+    """Time outside f per iteration against a raw Picard loop, alternated repeat by repeat."""
+    iterations, repeats = (10, 3) if ctx.quick else (30, 41)
+    options = {"max_iter": iterations, "atol": 0.0, "rtol": 1e-30, "divergence_ratio": None}
+    rows = []
+    for problem in small_f_problems(ctx):
+        runs = {"raw": _raw_loop(problem, iterations, ctx.device)}
+        for name in SOLVER_NAMES:
+            runs[name] = _solve(problem, make_solver(name, **options), ctx.device)
+        evals = {key: run() for key, run in runs.items()}  # warm-up
+        times: dict[str, list[float]] = {key: [] for key in runs}
+        order = list(runs)
+        for i in range(repeats):
+            for key in order if i % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                runs[key]()
+                times[key].append(time.perf_counter() - t0)
+        per_f = statistics.median(times["raw"]) / iterations
+        for name in SOLVER_NAMES:
+            # Per repeat: the solve minus the raw loop of the same repeat (scaled to the solve's
+            # evaluations), per iteration.
+            outside = [
+                (t - r * evals[name] / iterations) / iterations
+                for t, r in zip(times[name], times["raw"], strict=True)
+            ]
+            q1, _, q3 = statistics.quantiles(outside, n=4) if repeats > 1 else [outside[0]] * 3
+            record = suite.add(
+                kind="overhead_small_f",
+                problem=problem.name,
+                **problem.info,
+                solver=name,
+                iterations=iterations,
+                n_f_evals=evals[name],
+                f_call_s=per_f,
+                outside_f_per_iteration_s=statistics.median(outside),
+                outside_f_q1_s=q1,
+                outside_f_q3_s=q3,
+                outside_f_samples_s=outside,
+            )
+            rows.append(
+                [
+                    problem.name,
+                    name,
+                    fmt(record["outside_f_per_iteration_s"] * 1e6),
+                    f"{fmt(q1 * 1e6)} to {fmt(q3 * 1e6)}",
+                    fmt(per_f * 1e6),
+                    fmt(record["outside_f_per_iteration_s"] / per_f),
+                ]
+            )
+    suite.tables.append(
+        (
+            f"Time outside f per iteration, small f ({iterations} iterations, tolerance never "
+            "met), against a raw Picard loop in the same run",
+            ["problem", "solver", "us outside f", "quartiles", "us per f call", "x one f call"],
+            rows,
+        )
+    )
+    suite.notes.append(
+        "Small-f overhead: each repeat times a hand-written loop `for _ in range(n): z = f(z)` "
+        "and one solve per solver, alternating the order every repeat; the time outside f is "
+        "(solve - raw loop x f evaluations / n) / n, per repeat, then the median. It includes "
+        "fixed_point's fixed cost (validation, result) spread over the iterations."
+    )
+    mlp = [r for r in suite.records if r["kind"] == "overhead_small_f" and r["family"] == "mlp"]
+    for r in mlp:
+        target = OVERHEAD_TARGET_US[r["solver"]]
+        value = r["outside_f_per_iteration_s"] * 1e6
+        suite.acceptance.append(
+            Acceptance(
+                f"outside_f_us_{r['solver']}_mlp",
+                f"time outside f per iteration, {r['problem']} cell, {r['solver']} (us)",
+                value,
+                f"<= {target:g}",
+                value <= target,
+                f"batch {r['batch']}, {r['iterations']} iterations, quartiles "
+                f"{fmt(r['outside_f_q1_s'] * 1e6)} to {fmt(r['outside_f_q3_s'] * 1e6)} us; one f "
+                f"call {fmt(r['f_call_s'] * 1e6)} us",
+            )
+        )
+
+
+def _small_maps(suite: SuiteResult) -> None:
+    """f evaluations to rtol 1e-10 on small float64 maps, Picard against the accelerated."""
+    options = {"max_iter": 500, "atol": 0.0, "rtol": 1e-10}
+    solvers = {
+        "picard": il.Picard(**options),
+        "anderson": il.Anderson(**options),
+        "anderson, no safeguard": il.Anderson(**options, safeguard=False),
+        "broyden": il.Broyden(**options),
+    }
+    rows = []
+    for problem in small_map_problems():
+        evals, converged = {}, {}
+        for name, solver in solvers.items():
+            result = il.fixed_point(problem.cell, problem.z0, solver=solver)
+            evals[name], converged[name] = result.n_f_evals, bool(result.converged.all())
+        suite.add(
+            kind="small_map",
+            problem=problem.name,
+            picard_easy=problem.info["picard_easy"],
+            n_f_evals=evals,
+            converged=converged,
+        )
+        rows.append(
+            [problem.name, "yes" if problem.info["picard_easy"] else "no"]
+            + [str(evals[n]) + ("" if converged[n] else " (not converged)") for n in solvers]
+        )
+    suite.tables.append(
+        (
+            "f evaluations to rtol 1e-10 (atol 0, float64, batch 4) on small maps",
+            ["map", "Picard-easy", *solvers],
+            rows,
+        )
+    )
+    easy = [r for r in suite.records if r["kind"] == "small_map" and r["picard_easy"]]
+    excess = [(r["n_f_evals"]["anderson"] - r["n_f_evals"]["picard"], r["problem"]) for r in easy]
+    worst = max(excess)
+    suite.acceptance.append(
+        Acceptance(
+            "anderson_vs_picard_easy_maps",
+            "most f evaluations Anderson needs beyond Picard's on the Picard-easy maps",
+            float(worst[0]),
+            "<= 1",
+            worst[0] <= 1,
+            f"worst: {worst[1]}; " + ", ".join(f"{p}: {d:+d}" for d, p in excess),
+        )
+    )
 
 
 def _summarise(

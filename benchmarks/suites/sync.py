@@ -8,32 +8,36 @@ for ``k`` in 1..16:
 
 * host reads per solve, counted by a :class:`~torch.overrides.TorchFunctionMode` that sees
   every ``Tensor.tolist``/``item``/``__bool__``/... call. On the CPU, where a host read is
-  free, the loop reads freely; the count is then taken a second time with the accelerator
-  code path forced, which is what a GPU runs;
+  free, the loop reads freely; the count is then taken a second time with
+  ``fixed_point(..., host_reads=False)``, the code path a GPU runs;
 * ``f`` evaluations and wall time per solve (CUDA events on a GPU);
 * the same solves with ``f`` compiled by ``torch.compile`` (full runs only): compile time,
-  and solve time against eager.
+  and solve time against eager;
+* per solver, the tensor operations (top-level ``aten`` operators, counted by
+  ``torch.profiler``) and host reads per iteration outside ``f``, on the small MLP cell, for
+  the path this device takes and for the path a GPU takes (``host_reads=False``), so that a GPU
+  user can predict kernel launches and synchronisations per iteration without a GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.profiler import ProfilerActivity, profile
 
 import implicitlayers as il
-from implicitlayers.solvers import _loop
 
 from .._plots import figure, save
 from .._problems import Problem
 from .._report import fmt
 from .._timing import measure
 from .._types import SuiteContext, SuiteResult
-from ._shared import conv_layer, make_solver, maybe_degrad, relative_residual
+from ._shared import SOLVER_NAMES, conv_layer, make_solver, maybe_degrad, relative_residual
+from .solvers import small_f_problems
 
 NAME = "sync"
 TITLE = "Host synchronisation: check_every and torch.compile"
@@ -63,17 +67,6 @@ class HostReadCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def accelerator_path() -> Iterator[None]:
-    """Make the loop take the code path it takes on CUDA (no free host reads) on any device."""
-    saved = _loop._HOST_FREE
-    setattr(_loop, "_HOST_FREE", ())  # noqa: B010 (a module constant, patched for a moment)
-    try:
-        yield
-    finally:
-        setattr(_loop, "_HOST_FREE", saved)  # noqa: B010
-
-
 def _config(ctx: SuiteContext) -> dict[str, Any]:
     if ctx.quick:
         return {"check_every": [1, 4], "repeats": 1, "degrad_size": 16, "degrad_batch": 2}
@@ -87,10 +80,13 @@ def _config(ctx: SuiteContext) -> dict[str, Any]:
     }
 
 
-def _count_reads(problem: Problem, solver: il.AbstractSolver) -> tuple[int, il.SolverResult]:
+def _count_reads(
+    problem: Problem, solver: il.AbstractSolver, host_reads: bool | None = None
+) -> tuple[int, il.SolverResult]:
+    """Host reads of one solve; ``host_reads=False`` takes the path a GPU takes, anywhere."""
     counter = HostReadCounter()
     with torch.no_grad(), counter:
-        result = il.fixed_point(problem.f, problem.z0, solver=solver)
+        result = il.fixed_point(problem.f, problem.z0, solver=solver, host_reads=host_reads)
     return counter.count, result
 
 
@@ -122,8 +118,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
             solver_name, max_iter=cfg["max_iter"], atol=0.0, rtol=cfg["rtol"], check_every=k
         )
         reads_here, result = _count_reads(problem, solver)
-        with accelerator_path():
-            reads_device, device_result = _count_reads(problem, solver)
+        reads_device, device_result = _count_reads(problem, solver, host_reads=False)
         assert device_result.n_f_evals == result.n_f_evals
         timing = _solve_timing(ctx, problem.f, problem.z0, solver)
         record = suite.add(
@@ -179,6 +174,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
     )
     if cfg.get("compile"):
         _compiled_rows(ctx, suite, problems[0], cfg)
+    _operation_counts(ctx, suite)
     _plot(ctx, suite)
     suite.notes.append(
         "Host reads are the calls of Tensor.tolist/item/__bool__/... made during one solve "
@@ -258,3 +254,80 @@ def _plot(ctx: SuiteContext, suite: SuiteResult) -> None:
     axes[0].set_ylabel("host reads per solve (accelerator path)")
     axes[0].legend(fontsize=7)
     suite.plots.append(save(fig, ctx.out, "sync_host_reads.png"))
+
+
+def _top_level_ops(fn: Callable[[], Any]) -> int:
+    """Top-level ``aten`` operators ``fn`` runs (each a kernel launch on a GPU)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
+def _counts(problem: Problem, solver: il.AbstractSolver, host_reads: bool | None) -> list[int]:
+    """Operators, host reads and f evaluations of one solve without autograd."""
+    counter = HostReadCounter()
+    with torch.no_grad(), counter:
+        result = il.fixed_point(problem.f, problem.z0, solver=solver, host_reads=host_reads)
+    with torch.no_grad():
+        ops = _top_level_ops(
+            lambda: il.fixed_point(problem.f, problem.z0, solver=solver, host_reads=host_reads)
+        )
+    return [ops, counter.count, result.n_f_evals]
+
+
+def _operation_counts(ctx: SuiteContext, suite: SuiteResult) -> None:
+    """Operators and host reads per iteration outside f, from two solves of n and 2n steps."""
+    problem = small_f_problems(ctx)[0]
+    with torch.no_grad():
+        f_ops = _top_level_ops(lambda: problem.f(problem.z0))
+    n = 8 if ctx.quick else 16
+    paths: list[tuple[str, bool | None, int]] = [
+        (f"{ctx.device.type} (default)", None, 1),
+        ("accelerator, check_every=1", False, 1),
+        ("accelerator, check_every=8", False, 8),
+    ]
+    rows = []
+    for solver_name in SOLVER_NAMES:
+        for label, host_reads, k in paths:
+            counts = []
+            for steps in (n, 2 * n):
+                solver = make_solver(
+                    solver_name,
+                    max_iter=steps,
+                    atol=0.0,
+                    rtol=1e-30,
+                    divergence_ratio=None,
+                    check_every=k,
+                )
+                counts.append(_counts(problem, solver, host_reads))
+            (ops1, reads1, evals1), (ops2, reads2, evals2) = counts
+            ops = (ops2 - ops1 - (evals2 - evals1) * f_ops) / n
+            reads = (reads2 - reads1) / n
+            suite.add(
+                kind="operations",
+                problem=problem.name,
+                solver=solver_name,
+                path=label,
+                check_every=k,
+                ops_per_iteration=ops,
+                host_reads_per_iteration=reads,
+                f_ops=f_ops,
+                ops_per_solve_fixed=ops1 - evals1 * f_ops - n * ops,
+                host_reads_per_solve_fixed=reads1 - n * reads,
+            )
+            rows.append([solver_name, label, fmt(ops), fmt(reads)])
+    suite.tables.append(
+        (
+            f"Tensor operations and host reads per iteration outside f ({problem.name} cell, "
+            f"{f_ops} operators per call of f; every residual improves, tolerance never met)",
+            ["solver", "path", "aten operators", "host reads"],
+            rows,
+        )
+    )
+    suite.notes.append(
+        "Operators are the top-level aten operators torch.profiler records (on a GPU each is "
+        "at least one kernel launch; views such as unsqueeze count too); host reads are the "
+        "Tensor.tolist/item/__bool__ calls. Both are the difference between solves of n and 2n "
+        "iterations, minus f's own operators, divided by n, so the fixed cost of a solve "
+        "(validation, the final status) is left out and recorded separately."
+    )

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_int
-from ._base import AbstractSolver, SolverState
+from ._base import AbstractSolver, SolverState, combine, dots
 
 __all__ = ["Broyden"]
 
@@ -31,9 +31,9 @@ class Broyden(AbstractSolver):
     so memory is two ``(B, memory + 1, n)`` buffers (one scratch slot) whatever ``max_iter``
     is; each step multiplies only by the slots filled so far, so a large ``memory`` costs time
     only as it fills (the driver loop passes the step count, so this needs no host
-    synchronisation). When it is full
-    the approximation restarts from :math:`-I` (overwriting the oldest update instead breaks
-    the secant conditions of the newer ones and can diverge).
+    synchronisation). An update that finds the memory full drops every stored pair: the
+    approximation restarts from :math:`-I` with that newest update alone (overwriting the
+    oldest update instead breaks the secant conditions of the newer ones and can diverge).
     A vanishing denominator restarts the sample's memory (reported as ``Status.BREAKDOWN`` if
     the sample then ends unconverged). Also takes the shared options of
     :class:`~implicitlayers.solvers.AbstractSolver`.
@@ -69,7 +69,7 @@ class Broyden(AbstractSolver):
         }
 
     def step(self, state: SolverState, z: Tensor, fz: Tensor) -> tuple[Tensor, SolverState, Tensor]:
-        return self._step(state, z, fz, self.memory)
+        return self._step(state, z, fz, self.memory, state["has_prev"])
 
     def step_at(
         self, iteration: int, state: SolverState, z: Tensor, fz: Tensor
@@ -77,34 +77,51 @@ class Broyden(AbstractSolver):
         # At most one update is stored per step, so only the first `iteration` slots can be
         # filled: multiplying by those alone gives the same iterates at a fraction of the cost
         # while the memory fills (memory=100 would otherwise cost 100 slots from the start).
-        return self._step(state, z, fz, min(iteration, self.memory))
+        # After the first step every sample has a previous one.
+        return self._step(state, z, fz, min(iteration, self.memory), iteration > 0)
 
     def _step(
-        self, state: SolverState, z: Tensor, fz: Tensor, used: int
+        self, state: SolverState, z: Tensor, fz: Tensor, used: int, has_prev: Tensor | bool
     ) -> tuple[Tensor, SolverState, Tensor]:
-        """One step that multiplies only by the first ``used`` memory slots."""
-        U, V, count = state["U"], state["V"], state["count"]
-        has_prev, hg_prev = state["has_prev"], state["hg"]
+        """One step that multiplies only by the first ``used`` memory slots.
+
+        ``has_prev``: which samples took a step before (a bool when the caller knows it for
+        all of them, which spares the first step its update and the others a mask).
+        """
+        U, V, count, hg_prev = state["U"], state["V"], state["count"], state["hg"]
         batch, m = U.shape[0], self.memory
         g = fz - z
+        if has_prev is False:
+            # The first step is the Picard step z + g, with nothing to store.
+            new_state = {
+                **state,
+                "hg": -g,
+                "g_prev": g,
+                "has_prev": torch.ones_like(count, dtype=torch.bool),
+            }
+            return fz, new_state, torch.zeros_like(count, dtype=torch.bool)
         dg = g - state["g_prev"]
-        U_used, V_used = U[:, :used], V[:, :used]
-        valid = (torch.arange(used, device=z.device)[None, :] < count[:, None]).to(z.dtype)
         # Two products with the memory per step instead of three: since the previous step was
         # dz = -H g_prev, H dg = H g + dz, so u = (dz - H dg) / (v . dg) = -H g / (v . dg).
-        # H g = -g + sum_i u_i (v_i . g) and v = H^T dz = hg_prev - sum_i v_i (u_i . hg_prev),
-        # each one fused multiply-add over the slots.
-        hg = _accumulate(g, _coefficients(V_used, g, valid), U_used, beta=-1.0)
-        v = _accumulate(hg_prev, _coefficients(U_used, hg_prev, valid), V_used, alpha=-1.0)
+        # H g = -g + sum_i u_i (v_i . g) and v = H^T dz = hg_prev - sum_i v_i (u_i . hg_prev).
+        if used:
+            U_used, V_used = U[:, :used], V[:, :used]
+            valid = (torch.arange(used, device=z.device) < count[:, None]).to(z.dtype)
+            hg = _accumulate(_coefficients(V_used, g, valid), U_used) - g
+            v = hg_prev - _accumulate(_coefficients(U_used, hg_prev, valid), V_used)
+        else:
+            hg, v = -g, hg_prev
         denom = _dot(v, dg)
+        u = hg / denom.neg()[:, None]
+        # A vanishing denominator, relative to |v| |dg|, or a non-finite update breaks down.
         size = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
-        tiny = torch.finfo(z.dtype).eps * size
-        # u = -hg / denom is finite exactly when its norm is (no full-state isfinite pass).
-        ok = torch.isfinite(torch.linalg.vector_norm(hg, dim=1) / denom) & (denom.abs() > tiny)
-        breakdown = has_prev & ~ok
-        write = has_prev & ok
+        ok = (denom.abs() > torch.finfo(z.dtype).eps * size) & torch.isfinite(u).all(dim=1)
+        if has_prev is True:
+            breakdown, write = ~ok, ok
+        else:
+            breakdown, write = has_prev & ~ok, has_prev & ok
         # Zero where nothing is stored (rows whose u is not finite included).
-        u = torch.where(write[:, None], hg / -denom[:, None], 0.0)
+        u = torch.where(write[:, None], u, 0.0)
         # A full memory restarts from H = -I: overwriting the oldest update instead breaks the
         # secant conditions the newer updates rely on and can make the iteration diverge.
         reset = breakdown | (write & (count >= m))
@@ -122,23 +139,20 @@ class Broyden(AbstractSolver):
             "count": count,
             "hg": hg,
             "g_prev": g,
-            "has_prev": torch.ones_like(has_prev),
+            "has_prev": state["has_prev"] if has_prev is True else torch.ones_like(write),
         }
         return z - hg, new_state, breakdown
 
 
 def _coefficients(W: Tensor, x: Tensor, valid: Tensor) -> Tensor:
-    """``(B, 1, k)`` products :math:`w_i^\\top x` of the ``k`` slots of ``W``, zero where not
+    r"""``(B, k)`` products :math:`w_i^\top x` of the ``k`` slots of ``W``, zero where not
     ``valid``."""
-    # As a row vector times W^T: several times faster on CPU than W times a column vector.
-    return torch.bmm(x[:, None, :], W.transpose(1, 2)) * valid[:, None, :]
+    return dots(W, x) * valid
 
 
-def _accumulate(
-    x: Tensor, coeff: Tensor, W: Tensor, *, alpha: float = 1.0, beta: float = 1.0
-) -> Tensor:
-    """:math:`\\beta x + \\alpha \\sum_i c_i w_i` per sample, in one ``baddbmm``."""
-    return torch.baddbmm(x[:, None, :], coeff, W, beta=beta, alpha=alpha).squeeze(1)
+def _accumulate(coeff: Tensor, W: Tensor) -> Tensor:
+    r""":math:`\sum_i c_i w_i` per sample."""
+    return combine(coeff, W)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:

@@ -14,16 +14,22 @@ import torch
 from torch import Tensor
 
 from .._result import Status
-from ._base import AbstractSolver
+from ._base import AbstractSolver, SolverState
 
 #: Evaluates f on flat iterates; ``idx`` selects the samples the rows of ``z`` belong to
 #: (``None`` means all of them, in order).
 FlatMap = Callable[[Tensor, "Tensor | None"], Tensor]
 
 _SUCCESS, _NONFINITE, _DIVERGED = int(Status.SUCCESS), int(Status.NONFINITE), int(Status.DIVERGED)
+_MAX_ITER, _BREAKDOWN = int(Status.MAX_ITER), int(Status.BREAKDOWN)
 
 #: Device types whose tensors can be read on the host without a synchronisation.
 _HOST_FREE = ("cpu",)
+
+
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether a value on ``device`` can be read on the host without a synchronisation."""
+    return device.type in _HOST_FREE
 
 
 @dataclass
@@ -40,43 +46,22 @@ class LoopOutput:
     states: tuple[Tensor, ...] = ()
 
 
-class _Check(NamedTuple):
-    """One iteration's residuals and stopping test, row by row."""
+def _measure(solver: AbstractSolver, z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Per-row residual norms :math:`\|f(z) - z\|` and bounds ``atol + rtol * ||f(z)||``.
 
-    res: Tensor
-    finite: Tensor
-    converged: Tensor
-    stop: Tensor
-    first_res: Tensor
-
-    def code(self) -> Tensor:
-        """The status of a stopping row: converged, else non-finite, else diverged."""
-        return torch.where(
-            self.converged, _SUCCESS, torch.where(self.finite, _DIVERGED, _NONFINITE)
-        )
-
-
-def _check(solver: AbstractSolver, k: int, z: Tensor, fz: Tensor, first_res: Tensor) -> _Check:
-    r"""Residuals :math:`\|f(z) - z\|` and which rows stop at iteration ``k``.
-
-    A row converges when its residual is at most ``atol + rtol * ||f(z)||``; it stops when it
-    converged, is not finite, or (after the first iteration) exceeds ``divergence_ratio``
-    times its first residual. ``first_res`` is set at ``k == 0`` and passed through after.
+    Every path of the loop measures through here, so the paths agree to the last bit.
     """
-    res, finite, converged = _residual(solver, z, fz)
-    stop = ~finite | converged
-    if k == 0:
-        first_res = torch.where(finite, res, 0.0)
-    elif solver.divergence_ratio is not None:
-        stop |= finite & (res > solver.divergence_ratio * first_res)
-    return _Check(res, finite, converged, stop, first_res)
+    res = torch.linalg.vector_norm(fz - z, dim=1)
+    bound = torch.linalg.vector_norm(fz, dim=1).mul_(solver.rtol)
+    if solver.atol:
+        bound.add_(solver.atol)
+    return res, bound
 
 
 def _residual(solver: AbstractSolver, z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row residual norms, which are finite, and which meet the tolerance."""
-    res = torch.linalg.vector_norm(fz - z, dim=1)
+    res, bound = _measure(solver, z, fz)
     finite = torch.isfinite(res)
-    bound = torch.linalg.vector_norm(fz, dim=1).mul_(solver.rtol).add_(solver.atol)
     return res, finite, finite & (res <= bound)
 
 
@@ -88,6 +73,170 @@ def _secant_rate(z: Tensor, fz: Tensor, prev_z: Tensor, prev_fz: Tensor) -> Tens
     num = torch.linalg.vector_norm(fz - prev_fz, dim=1)
     den = torch.linalg.vector_norm(z - prev_z, dim=1)
     return torch.where(den > 0, num / den, float("nan"))
+
+
+class _Carry:
+    """The dense loop's state between iterations: the batch, the solver's memory and the
+    per-sample bookkeeping. Mutated in place by the iteration functions below."""
+
+    def __init__(self, solver: AbstractSolver, z0: Tensor) -> None:
+        batch, device, dtype = z0.shape[0], z0.device, z0.dtype
+        self.z = z0
+        self.fz = z0  # f(z) of the batch last evaluated (set before first use)
+        self.state: SolverState = solver.init(z0)
+        # Known on the host: every sample is still running (so nothing needs freezing).
+        self.all_active = True
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)
+        self.status = torch.full((batch,), _MAX_ITER, dtype=torch.long, device=device)
+        self.n_steps = torch.zeros(batch, dtype=torch.long, device=device)
+        self.best_z = z0
+        self.best_res = torch.full((batch,), float("inf"), dtype=dtype, device=device)
+        # Rows whose best iterate is their row of the batch last evaluated (None: every row).
+        self.best_is_current: Tensor | None = None
+        self.first_res = self.best_res
+        self.last_res = self.best_res
+        self.rate = torch.full((batch,), float("nan"), dtype=dtype, device=device)
+        self.prev_z: Tensor | None = None
+        self.prev_fz: Tensor | None = None
+        self.broke: Tensor | None = None
+
+
+def _advance(c: _Carry, solver: AbstractSolver, k: int) -> None:
+    """Take the solver's step from iteration ``k``'s batch; frozen samples keep their iterate."""
+    z = c.z
+    # Kept for the rate estimate (references only: z and f(z) are never modified in place).
+    c.prev_z, c.prev_fz = z, c.fz
+    z_next, c.state, breakdown = solver.step_at(k, c.state, z, c.fz)
+    if z_next.dtype != z.dtype:
+        z_next = z_next.to(z.dtype)
+    if not c.all_active:
+        z_next = torch.where(c.active[:, None], z_next, z)
+        if breakdown is not None:
+            breakdown = c.active & breakdown
+    c.z = z_next
+    if breakdown is not None:
+        c.broke = breakdown if c.broke is None else c.broke | breakdown
+
+
+def _evaluate(c: _Carry, f: FlatMap, solver: AbstractSolver) -> tuple[Tensor, Tensor]:
+    """Evaluate ``f`` at the batch; its residuals and tolerance bounds."""
+    fz = f(c.z, None)
+    if fz.dtype != c.z.dtype:
+        fz = fz.to(c.z.dtype)
+    c.fz = fz
+    return _measure(solver, c.z, fz)
+
+
+def _record(c: _Carry) -> Tensor:
+    """The batch as ``states`` keeps it: stopped samples give their returned iterate."""
+    return c.z if c.all_active else torch.where(c.active[:, None], c.z, c.best_z)
+
+
+class _Test(NamedTuple):
+    """One iteration's stopping test, row by row."""
+
+    finite: Tensor
+    converged: Tensor
+    stop: Tensor
+    better: Tensor  # improves on the row's best residual, or converges
+    first_res: Tensor
+
+
+def _test(c: _Carry, solver: AbstractSolver, k: int, res: Tensor, bound: Tensor) -> _Test:
+    """A row converges when its residual is at most its bound; it stops when it converged, is
+    not finite, or (after the first iteration) exceeds ``divergence_ratio`` times its first
+    residual, which is set at ``k == 0``."""
+    finite = torch.isfinite(res)
+    converged = finite & (res <= bound)
+    stop = ~finite | converged
+    first_res = c.first_res
+    if k == 0:
+        first_res = torch.where(finite, res, 0.0)
+    elif solver.divergence_ratio is not None:
+        # (A non-finite residual that compares greater stops anyway.)
+        stop = stop | (res > solver.divergence_ratio * first_res)
+    # Track the best iterate; a converging iterate always wins (a residual below the best is
+    # finite).
+    better = (res < c.best_res) | converged
+    return _Test(finite, converged, stop, better, first_res)
+
+
+def _masked(c: _Carry, res: Tensor, test: _Test, reads: bool) -> bool:
+    """The general iteration: revivals, statuses and best iterates, every row through
+    ``where``. With ``reads``, two host reads (the rate only when a row stops; which samples
+    still run); without, none. Returns whether a sample may still run."""
+    z = c.z
+    finite, converged, stop, better, first_res = test
+    active, status, best_res = c.active, c.status, c.best_res
+    if not c.all_active:
+        # A frozen sample that had converged but fails the test at this batch (f couples the
+        # samples) runs again; one that still passes has its residual measured here.
+        frozen_ok = status == _SUCCESS  # a sample that converged is frozen
+        revived = frozen_ok & ~converged
+        active = active | revived
+        status = torch.where(revived, _MAX_ITER, status)
+        # Its divergence test restarts from here (its first residual may be 0).
+        first_res = torch.where(revived, res, first_res)
+        stop = torch.where(revived, ~finite, stop)
+        best_res = torch.where(frozen_ok & converged, res, best_res)
+    c.first_res = first_res
+    stopping = active & stop
+    if c.prev_z is not None and c.prev_fz is not None and (not reads or bool(stopping.any())):
+        # _secant_rate, kept where it is a number (NaN != NaN), in fewer operations.
+        num = torch.linalg.vector_norm(c.fz - c.prev_fz, dim=1)
+        den = torch.linalg.vector_norm(z - c.prev_z, dim=1)
+        estimate = num / den
+        keep = stopping & (den > 0) & (estimate == estimate)
+        c.rate = torch.where(keep, estimate, c.rate)
+    better = better & active
+    c.best_res = torch.where(better, res, best_res)
+    current = torch.ones_like(better) if c.best_is_current is None else c.best_is_current
+    c.best_is_current = torch.where(active, better, current)
+    c.n_steps = c.n_steps + active
+    c.last_res = torch.where(active, res, c.last_res)
+    code = torch.where(converged, _SUCCESS, torch.where(finite, _DIVERGED, _NONFINITE))
+    c.status = status = torch.where(stopping, code, status)
+    c.active = active = active & ~stop
+    any_active, best_is_z = True, False
+    if reads:
+        # Samples whose best iterate is their current one: those that improved, and those
+        # that stopped by converging earlier (frozen since).
+        flags = torch.stack((active.any(), active.all(), (better | (status == _SUCCESS)).all()))
+        any_active, c.all_active, best_is_z = flags.tolist()
+    else:
+        c.all_active = False
+    c.best_z = z if best_is_z else torch.where(better[:, None], z, c.best_z)
+    return any_active
+
+
+def _chunk(
+    c: _Carry,
+    f: FlatMap,
+    solver: AbstractSolver,
+    start: int,
+    end: int,
+    record_at: tuple[int, ...],
+) -> tuple[list[Tensor], dict[int, Tensor]]:
+    """Iterations ``start .. end - 1`` without a single host read.
+
+    A function of its own so that ``torch.compile`` captures the chunk, ``f`` included, as
+    one graph (the reads between chunks break the graph of :func:`run_loop` instead).
+    Returns the chunk's trace entries and recorded states.
+    """
+    trace: list[Tensor] = []
+    recorded: dict[int, Tensor] = {}
+    for k in range(start, end):
+        if k:
+            _advance(c, solver, k - 1)
+        if k in record_at:
+            # Inline (not _record): a frame that names no torch global and takes no tensor
+            # argument is not even offered to torch.compile.
+            recorded[k] = c.z if c.all_active else torch.where(c.active[:, None], c.z, c.best_z)
+        res, bound = _evaluate(c, f, solver)
+        _masked(c, res, _test(c, solver, k, res, bound), reads=False)
+        if solver.trace:
+            trace.append(c.last_res)
+    return trace, recorded
 
 
 def run_loop(
@@ -115,11 +264,17 @@ def run_loop(
 
     So ``SUCCESS`` always means the residual is within tolerance at the batch returned.
 
-    Per iteration the loop touches full states only to measure the residual, unless some
-    samples have stopped: then it freezes them and keeps their best iterate with ``where``.
-    Which case holds is read on the host where that is free (``host_reads``; default: on CPU)
-    or on the iterations that synchronise anyway (every ``check_every``); otherwise the
-    masked path runs. ``z`` is never modified in place, so the best iterate can alias it.
+    ``host_reads`` (default: where they are free, :func:`host_reads_are_free`) chooses between
+    two paths that give the same results to the last bit:
+
+    - with host reads, an iteration where every sample runs, none meets the tolerance and
+      every residual improves costs one flag read and touches full states only to measure
+      the residual; any other iteration takes the masked path (:func:`_masked`), which freezes
+      stopped samples and keeps best iterates with ``where``;
+    - without, the loop runs chunks of ``check_every`` masked iterations with no host read
+      (:func:`_chunk`) and reads the host once between chunks, to stop when no sample runs.
+
+    ``z`` is never modified in place, so the best iterate can alias it.
 
     ``record_at`` lists iterations :math:`k` whose batch :math:`z_k` (the iterate ``f`` is
     evaluated on at iteration :math:`k`, :math:`z_0` the start) is kept in ``states``; a sample
@@ -128,119 +283,113 @@ def run_loop(
     """
     if independent_samples:
         return _run_compacted(f, z0, solver, record_at)
-    batch = z0.shape[0]
-    device = z0.device
-    host_free = device.type in _HOST_FREE if host_reads is None else host_reads
-    # z0 is not modified; the result is copied if it is still z0 at the end.
-    z = z0
-    state = solver.init(z)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    # Known on the host: every sample is still running (so nothing needs freezing).
-    all_active = True
-    status = torch.full((batch,), int(Status.MAX_ITER), dtype=torch.long, device=device)
-    n_steps = torch.zeros(batch, dtype=torch.long, device=device)
-    best_z = z
-    best_res = torch.full((batch,), float("inf"), dtype=z.dtype, device=device)
-    # Rows whose best iterate is their row of the batch last evaluated.
-    best_is_current = torch.ones(batch, dtype=torch.bool, device=device)
-    first_res = best_res
-    last_res = best_res
-    rate = torch.full((batch,), float("nan"), dtype=z.dtype, device=device)
-    prev_z: Tensor | None = None
-    prev_fz: Tensor | None = None
-    broke = torch.zeros(batch, dtype=torch.bool, device=device)
+    host_free = host_reads_are_free(z0.device) if host_reads is None else host_reads
+    c = _Carry(solver, z0)
+    if host_free:
+        trace, recorded, n_f_evals, quiet_steps = _run_with_reads(c, f, solver, record_at)
+    else:
+        trace, recorded, n_f_evals, quiet_steps = _run_chunked(c, f, solver, record_at)
+    return _finish(c, f, solver, z0, trace, recorded, n_f_evals, quiet_steps, record_at)
+
+
+def _run_with_reads(
+    c: _Carry, f: FlatMap, solver: AbstractSolver, record_at: tuple[int, ...]
+) -> tuple[list[Tensor], dict[int, Tensor], int, int]:
+    """The loop where host reads are free: one flag read per quiet iteration."""
     trace: list[Tensor] = []
     recorded: dict[int, Tensor] = {}
-    n_f_evals = 0
-    for k in range(solver.max_iter):
-        if k in record_at:
-            recorded[k] = z if all_active else torch.where(active[:, None], z, best_z)
-        fz = f(z, None).to(z.dtype)
+    max_iter, check_every = solver.max_iter, solver.check_every
+    n_f_evals = quiet_steps = 0
+    for k in range(max_iter):
+        if k:
+            _advance(c, solver, k - 1)
+        if record_at and k in record_at:
+            recorded[k] = _record(c)
+        res, bound = _evaluate(c, f, solver)
         n_f_evals += 1
-        test = _check(solver, k, z, fz, first_res)
-        res, finite, converged, stop, first_res = test
-        # Track the best iterate; a converging iterate always wins.
-        better = finite & ((res < best_res) | converged)
-        synced = (k + 1) % solver.check_every == 0
-        any_active, quiet = True, False
-        if all_active and (host_free or synced):
-            # Every sample ran this iteration: if none stops, nothing needs freezing.
-            any_stop, all_better = torch.stack((stop.any(), better.all())).tolist()
-            quiet = not any_stop
-        if quiet:
-            best_res = res if all_better else torch.where(better, res, best_res)
-            best_z = z if all_better else torch.where(better[:, None], z, best_z)
-            best_is_current = better
-            n_steps += 1
-            last_res = res
+        any_active = True
+        # Every row improves on its best residual without meeting the tolerance: none
+        # converges, is non-finite (the comparison fails) or diverges (its best residual is at
+        # most its first), so nothing needs freezing and every best iterate is this batch.
+        if c.all_active and bool(((res > bound) & (res < c.best_res)).all()):
+            if k == 0:
+                c.first_res = res
+            c.best_res = c.last_res = res
+            c.best_z = c.z
+            c.best_is_current = None
+            quiet_steps += 1
         else:
-            if not all_active:
-                # A frozen sample that had converged but fails the test at this batch (f
-                # couples the samples) runs again; one that still passes has its residual
-                # measured here.
-                frozen_ok = ~active & (status == _SUCCESS)
-                revived = frozen_ok & ~converged
-                active = active | revived
-                status = torch.where(revived, int(Status.MAX_ITER), status)
-                # Its divergence test restarts from here (its first residual may be 0).
-                first_res = torch.where(revived, res, first_res)
-                stop = torch.where(revived, ~finite, stop)
-                best_res = torch.where(frozen_ok & converged, res, best_res)
-            stopping = active & stop
-            if (
-                prev_z is not None
-                and prev_fz is not None
-                and (not (host_free or synced) or bool(stopping.any()))
-            ):
-                estimate = _secant_rate(z, fz, prev_z, prev_fz)
-                rate = torch.where(stopping & ~torch.isnan(estimate), estimate, rate)
-            better &= active
-            best_res = torch.where(better, res, best_res)
-            best_is_current = torch.where(active, better, best_is_current)
-            n_steps += active
-            last_res = torch.where(active, res, last_res)
-            status = torch.where(stopping, test.code(), status)
-            active = active & ~stop
-            if host_free or synced:
-                # Samples whose best iterate is their current one: those that improved, and
-                # those that stopped by converging earlier (frozen since).
-                flags = torch.stack(
-                    (active.any(), active.all(), (better | (status == _SUCCESS)).all())
-                ).tolist()
-                any_active, all_active, best_is_z = flags
+            test = _test(c, solver, k, res, bound)
+            if c.all_active and not bool(test.stop.any()):
+                # No row stops, but some do not improve (else the test above had held): those
+                # keep their best iterate.
+                c.first_res = test.first_res
+                c.best_res = torch.where(test.better, res, c.best_res)
+                c.last_res = res
+                c.best_z = torch.where(test.better[:, None], c.z, c.best_z)
+                c.best_is_current = test.better
+                quiet_steps += 1
             else:
-                all_active, best_is_z = False, False
-            best_z = z if best_is_z else torch.where(better[:, None], z, best_z)
+                any_active = _masked(c, res, test, reads=True)
         if solver.trace:
-            trace.append(last_res)
-        if k == solver.max_iter - 1 or (synced and not any_active):
+            trace.append(c.last_res)
+        if k == max_iter - 1 or ((k + 1) % check_every == 0 and not any_active):
             break
-        # Kept for the rate estimate (references only: z and f(z) are never modified in place).
-        prev_z, prev_fz = z, fz
-        z_next, state, breakdown = solver.step_at(k, state, z, fz)
-        z_next = z_next.to(z.dtype)
-        if all_active:
-            z = z_next
-            broke |= breakdown
-        else:
-            z = torch.where(active[:, None], z_next, z)
-            broke |= active & breakdown
-        del z_next
-    if prev_z is not None and prev_fz is not None:
-        estimate = _secant_rate(z, fz, prev_z, prev_fz)
-        rate = torch.where(active & ~torch.isnan(estimate), estimate, rate)
-    del prev_z, prev_fz
-    if not bool(best_is_current.all()):
+    return trace, recorded, n_f_evals, quiet_steps
+
+
+def _run_chunked(
+    c: _Carry, f: FlatMap, solver: AbstractSolver, record_at: tuple[int, ...]
+) -> tuple[list[Tensor], dict[int, Tensor], int, int]:
+    """The loop without host reads inside chunks of ``check_every`` iterations."""
+    trace: list[Tensor] = []
+    recorded: dict[int, Tensor] = {}
+    max_iter, check_every = solver.max_iter, solver.check_every
+    start = 0
+    while start < max_iter:
+        end = min(start + check_every, max_iter)
+        entries, states = _chunk(c, f, solver, start, end, record_at)
+        trace += entries
+        recorded.update(states)
+        start = end
+        if end == max_iter:
+            break
+        # The one host read per chunk: stop once no sample runs.
+        any_active, c.all_active = torch.stack((c.active.any(), c.active.all())).tolist()
+        if not any_active:
+            break
+    return trace, recorded, start, 0
+
+
+def _finish(
+    c: _Carry,
+    f: FlatMap,
+    solver: AbstractSolver,
+    z0: Tensor,
+    trace: list[Tensor],
+    recorded: dict[int, Tensor],
+    n_f_evals: int,
+    quiet_steps: int,
+    record_at: tuple[int, ...],
+) -> LoopOutput:
+    """Rates of the samples still running, the evaluation at a mixed batch, statuses."""
+    n_steps, status, best_res, best_z, rate = c.n_steps, c.status, c.best_res, c.best_z, c.rate
+    if quiet_steps:
+        n_steps = n_steps + quiet_steps
+    if c.prev_z is not None and c.prev_fz is not None:
+        estimate = _secant_rate(c.z, c.fz, c.prev_z, c.prev_fz)
+        rate = torch.where(c.active & ~torch.isnan(estimate), estimate, rate)
+    if c.best_is_current is not None and not bool(c.best_is_current.all()):
         # Some samples return an earlier iterate, so the returned batch was never evaluated:
         # for an f that couples samples, every residual may differ there. Measure them.
-        res, _, converged = _residual(solver, best_z, f(best_z, None).to(best_z.dtype))
+        fz = f(best_z, None)
+        res, _, converged = _residual(solver, best_z, fz.to(best_z.dtype))
         n_f_evals += 1
-        running = (status == _SUCCESS) | (status == int(Status.MAX_ITER))
-        status = torch.where(
-            running, torch.where(converged, _SUCCESS, int(Status.MAX_ITER)), status
-        )
+        running = (status == _SUCCESS) | (status == _MAX_ITER)
+        status = torch.where(running, torch.where(converged, _SUCCESS, _MAX_ITER), status)
         best_res = res
-    status = torch.where((status == int(Status.MAX_ITER)) & broke, int(Status.BREAKDOWN), status)
+    if c.broke is not None:
+        status = torch.where((status == _MAX_ITER) & c.broke, _BREAKDOWN, status)
     returned = best_z.clone() if best_z is z0 else best_z
     return LoopOutput(
         z=returned,
@@ -265,7 +414,7 @@ def _run_compacted(
     every iteration (it sizes the next call of ``f``), so ``check_every`` does not apply.
     """
     batch, device = z0.shape[0], z0.device
-    status = torch.full((batch,), int(Status.MAX_ITER), dtype=torch.long, device=device)
+    status = torch.full((batch,), _MAX_ITER, dtype=torch.long, device=device)
     n_steps = torch.zeros(batch, dtype=torch.long, device=device)
     best_z = torch.empty_like(z0)  # every row is written when it stops or at the end
     inf = torch.full((batch,), float("inf"), dtype=z0.dtype, device=device)
@@ -283,14 +432,21 @@ def _run_compacted(
     trace: list[Tensor] = []
     recorded: dict[int, Tensor] = {}
     n_f_evals = 0
+    ratio = solver.divergence_ratio
     for k in range(solver.max_iter):
         if k in record_at:
             # Stopped rows hold their returned iterate in best_z already.
             recorded[k] = z if len(idx) == batch else best_z.index_put((idx,), z)
-        fz = f(z, None if len(idx) == batch else idx).to(z.dtype)
+        fz = f(z, None if len(idx) == batch else idx)
+        if fz.dtype != z.dtype:
+            fz = fz.to(z.dtype)
         n_f_evals += 1
-        test = _check(solver, k, z, fz, row_first_res)
-        res, finite, converged, stop, row_first_res = test
+        res, finite, converged = _residual(solver, z, fz)
+        stop = ~finite | converged
+        if k == 0:
+            row_first_res = torch.where(finite, res, 0.0)
+        elif ratio is not None:
+            stop |= finite & (res > ratio * row_first_res)
         better = finite & ((res < row_best_res) | converged)
         row_best_res = torch.where(better, res, row_best_res)
         n_stopped, n_worse = torch.stack((stop.sum(), (~better).sum())).tolist()
@@ -305,7 +461,8 @@ def _run_compacted(
             rows = idx[done]
             if prev_z is not None and prev_fz is not None:
                 rate[rows] = _secant_rate(z, fz, prev_z, prev_fz)[done]
-            status[rows] = torch.where(stop, test.code(), int(Status.MAX_ITER))[done]
+            code = torch.where(converged, _SUCCESS, torch.where(finite, _DIVERGED, _NONFINITE))
+            status[rows] = torch.where(stop, code, _MAX_ITER)[done]
             best_z[rows] = row_best_z[done]
             best_res[rows] = row_best_res[done]
             broke[rows] = row_broke[done]
@@ -321,10 +478,11 @@ def _run_compacted(
             state = {name: value[keep] for name, value in state.items()}
         prev_z, prev_fz = z, fz
         z_next, state, breakdown = solver.step_at(k, state, z, fz)
-        z = z_next.to(z.dtype)
+        z = z_next if z_next.dtype == z.dtype else z_next.to(z.dtype)
         del z_next
-        row_broke = row_broke | breakdown
-    status = torch.where((status == int(Status.MAX_ITER)) & broke, int(Status.BREAKDOWN), status)
+        if breakdown is not None:
+            row_broke = row_broke | breakdown
+    status = torch.where((status == _MAX_ITER) & broke, _BREAKDOWN, status)
     return LoopOutput(
         z=best_z,
         status=status,

@@ -47,6 +47,9 @@ class Picard(AbstractSolver):
     def init(self, z: Tensor) -> SolverState:
         return {}
 
-    def step(self, state: SolverState, z: Tensor, fz: Tensor) -> tuple[Tensor, SolverState, Tensor]:
+    def step(
+        self, state: SolverState, z: Tensor, fz: Tensor
+    ) -> tuple[Tensor, SolverState, Tensor | None]:
+        # No internal system can break down: no breakdown flags, so no tensor op to make them.
         z_next = fz if self.damping == 0 else torch.lerp(fz, z, self.damping)
-        return z_next, state, torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        return z_next, state, None
