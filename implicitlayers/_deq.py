@@ -119,6 +119,8 @@ class DEQ(nn.Module):
             ``aux`` is that of the application of ``f`` at the fixed point (attached to the
             graph when autograd records: use it in a loss or a log), as optimistix's
             ``has_aux``.
+        host_reads: Passed to :func:`fixed_point` (``False``: the sync-free chunked path, for
+            ``torch.compile`` and CUDA graphs).
 
     Samples whose forward solve failed (``NONFINITE``, ``DIVERGED``) return their best iterate
     with no gradient: the backward rule never sees their rows (non-finite entries of their
@@ -155,6 +157,7 @@ class DEQ(nn.Module):
         backward: AbstractBackward | str = "jfb",
         independent_samples: bool = False,
         has_aux: bool = False,
+        host_reads: bool | None = None,
     ) -> None:
         super().__init__()
         if not callable(f):
@@ -166,7 +169,10 @@ class DEQ(nn.Module):
         self.solver = as_solver(solver)
         self.backward = as_backward(backward)
         self.independent_samples = independent_samples
+        if host_reads is not None and not isinstance(host_reads, bool):
+            raise TypeError(f"host_reads must be None, True or False, got {host_reads!r}")
         self.has_aux = has_aux
+        self.host_reads = host_reads
         self.last_backward_result = None
 
     def extra_repr(self) -> str:
@@ -283,6 +289,7 @@ class DEQ(nn.Module):
                 solver=solver_,
                 independent_samples=self.independent_samples,
                 states=states,
+                host_reads=self.host_reads,
             )
         except RuntimeError as err:
             if default_z0 and _looks_like_shape_error(err):

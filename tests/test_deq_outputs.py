@@ -102,3 +102,15 @@ def test_output_unpacks_and_pickles():
     assert z is out.z and result is out.result
     copy = pickle.loads(pickle.dumps(out))
     assert torch.equal(copy.z, out.z) and copy.aux is None
+
+
+def test_host_reads_passes_through_and_changes_no_result():
+    cell = TanhCell(n=5, d=3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    z0 = torch.zeros(4, 5, dtype=torch.float64)
+    solver = il.Anderson(check_every=4, rtol=1e-8)
+    a = il.DEQ(cell, solver=solver)(x, z0=z0)
+    b = il.DEQ(cell, solver=solver, host_reads=False)(x, z0=z0)
+    assert torch.equal(a.z, b.z) and torch.equal(a.result.n_steps, b.result.n_steps)
+    with pytest.raises(TypeError, match="host_reads must be None, True or False"):
+        il.DEQ(cell, host_reads="no")
