@@ -14,7 +14,7 @@ FLOOR_NUMPY_SPEC ?= numpy<2
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 
-.PHONY: help venv demo test test-floor lint typecheck docs bench-quick bench package-check ci clean
+.PHONY: help venv demo test test-floor lint typecheck docs bench-quick bench package-check ci clean mutation
 
 help:
 	@echo "make demo | test | test-floor | lint | typecheck | docs | bench-quick | bench | package-check | ci"
@@ -74,6 +74,16 @@ package-check: $(STAMP)
 	bash .ci/package_check.sh
 
 ci: lint typecheck test docs package-check
+
+# `make mutation`: mutation testing of the core with mutmut, configured by [tool.mutmut] in
+# pyproject.toml (see mutation/README.md). Too slow for `ci`: about an hour on two cores for
+# a fresh run; later runs reuse the results kept in mutants/ for unchanged code (delete
+# mutants/ to start over). MUTANTS='implicitlayers.solvers.*' re-runs only the matching
+# mutants; MUTATION_JOBS sets the number of workers (default 2).
+mutation: $(STAMP)
+	$(PY) -m pip install -q "mutmut>=3.8,<4"
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(or $(MUTATION_JOBS),2) $(MUTANTS)
+	$(PY) mutation/summary.py
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) build dist *.egg-info docs/_build runs

@@ -8,15 +8,19 @@ Markdown and plots have the expected fields. It never checks a speed: speed is m
 from __future__ import annotations
 
 import json
+import math
+import operator
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ("solvers", "freezing", "backward", "memory", "peers", "dense", "gpu", "sync")
+SUITES = ("solvers", "freezing", "backward", "adjoint", "memory", "peers", "dense", "gpu", "sync")
 ENV_FIELDS = ("date", "host", "cpu", "torch", "implicitlayers", "device", "torch_threads")
 
 pytestmark = pytest.mark.skipif(
@@ -123,12 +127,86 @@ def test_expected_measurement_fields(quick_run: Path) -> None:
         assert lazy["host_reads_accelerator_path"] < every["host_reads_accelerator_path"], key
 
 
-def test_acceptance_entries_are_well_formed(quick_run: Path) -> None:
+#: An acceptance target: a comparison with a number (``"<= 1.15"``), or the peers suite's
+#: ``"no row slower"``.
+TARGET = re.compile(r"(<=|>=) (-?[0-9]+(?:\.[0-9]+)?)")
+COMPARE = {"<=": operator.le, ">=": operator.ge}
+ENTRY_FIELDS = {"name", "description", "value", "target", "passed", "detail"}
+
+
+def _acceptance(quick_run: Path) -> dict[str, dict[str, Any]]:
     suites = json.loads((quick_run / "results.json").read_text())["suites"]
     entries = [a for s in suites.values() for a in s["acceptance"]]
+    by_name = {a["name"]: a for a in entries}
+    assert len(by_name) == len(entries), "acceptance names must be unique"
+    return by_name
+
+
+def test_acceptance_entries_are_well_formed(quick_run: Path) -> None:
+    entries = _acceptance(quick_run)
     assert entries
-    for a in entries:
-        assert set(a) >= {"name", "description", "value", "target", "passed", "detail"}
+    for name, a in entries.items():
+        assert set(a) == ENTRY_FIELDS, name
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
+        for field in ("description", "target", "detail"):
+            assert isinstance(a[field], str) and a[field].strip(), (name, field)
+        value, passed = a["value"], a["passed"]
+        if value is None:
+            # Not measured in this run: no verdict, and the detail says why.
+            assert passed is None, name
+            continue
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), name
+        assert math.isfinite(value), (name, value)
+        assert isinstance(passed, bool), name
+        if a["target"] == "no row slower":
+            # The peers suite: its verdict lists the slower rows; none can be slower when the
+            # worst ours/torchdeq median ratio (the value) is at most 1.
+            assert passed == ("slower: none" in a["detail"]), name
+            assert passed or value > 1, name
+            continue
+        match = TARGET.fullmatch(a["target"])
+        assert match, (name, a["target"])
+        op, threshold = match.groups()
+        assert passed == COMPARE[op](value, float(threshold)), (name, value, a["target"], passed)
+
+
+def test_acceptance_values_are_the_recorded_measurements(quick_run: Path) -> None:
+    suites = json.loads((quick_run / "results.json").read_text())["suites"]
+    acceptance = _acceptance(quick_run)
+    # Each suite's own JSON file carries the same entries.
+    for name in SUITES:
+        own = json.loads((quick_run / f"{name}.json").read_text())
+        assert own["acceptance"] == suites[name]["acceptance"], name
+    # JFB: the worst problem's backward time in VJPs.
+    jfb = [
+        r for r in suites["backward"]["records"] if r["kind"] == "backward" and r["rule"] == "JFB"
+    ]
+    entry = acceptance["jfb_backward_vjps"]
+    assert entry["value"] == max(r["backward_time_in_vjps"] for r in jfb)
+    # Memory: peaks at the depths the description names, for both DEQ solvers and every problem.
+    memory = suites["memory"]["records"]
+    families = {r["family"] for r in memory}
+    assert families
+    for family in families:
+        peak = {(r["method"], r["depth"]): r["peak_bytes"] for r in memory if r["family"] == family}
+        assert all(isinstance(b, int) and b > 0 for b in peak.values()), family
+        for solver in ("anderson", "picard"):
+            flat = acceptance[f"deq_memory_flat_{solver}_{family}"]
+            hi, lo = map(
+                int, re.findall(r"peak at (\d+) iterations vs (\d+),", flat["description"])[0]
+            )
+            assert (hi, lo) == (max(d for _, d in peak), min(d for _, d in peak)), family
+            growth = peak[f"DEQ {solver}", hi] / peak[f"DEQ {solver}", lo] - 1
+            assert flat["value"] == pytest.approx(growth, rel=1e-12, abs=1e-15), family
+            ratio = acceptance[f"unrolled_vs_deq_{solver}_{family}"]
+            mid = int(re.fullmatch(r".*peak at (\d+) iterations", ratio["description"])[1])
+            expected = peak["unrolled", mid] / peak[f"DEQ {solver}", mid]
+            assert ratio["value"] == pytest.approx(expected, rel=1e-12), family
+    # Quick mode does not run DE-GRAD at 64x64: the solver overhead is recorded as not measured.
+    solvers = suites["solvers"]
+    assert 64 not in solvers["config"]["degrad_sizes"]
+    assert acceptance["solver_overhead_degrad64"]["value"] is None
+    assert "anderson_vs_picard_fevals" not in acceptance
 
 
 def test_markdown_report(quick_run: Path) -> None:
@@ -136,3 +214,30 @@ def test_markdown_report(quick_run: Path) -> None:
     assert "## Acceptance figures" in report
     for name in SUITES:
         assert f"(`{name}`)" in report
+    # One table row per acceptance entry, with the entry's target and verdict.
+    suites = json.loads((quick_run / "results.json").read_text())["suites"]
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ")]
+    verdicts = {True: "**met**", False: "**missed**", None: "n/a"}
+    for suite_name, suite in suites.items():
+        for a in suite["acceptance"]:
+            row = [r for r in rows if r[0] == f"| {suite_name}" and r[1] == a["description"]]
+            assert len(row) == 1, a["name"]
+            assert row[0][3:5] == [a["target"], verdicts[a["passed"]]], a["name"]
+
+
+def test_adjoint_suite_gmres_solves_what_fixed_point_iteration_cannot(quick_run: Path) -> None:
+    suite = json.loads((quick_run / "results.json").read_text())["suites"]["adjoint"]
+    records = [r for r in suite["records"] if r["kind"] == "adjoint"]
+    budget = suite["config"]["budget_vjps"]
+    rho = {r["problem"]: r["rho"] for r in records}
+    # One contractive problem, the others non-contractive with I - J^T invertible.
+    assert sorted(r < 1 for r in rho.values()) == [False] * (len(rho) - 1) + [True], rho
+    assert all(r < 2 for r in rho.values()), rho
+    for r in records:
+        # The loop may evaluate once more to re-measure an earlier best iterate.
+        assert 0 < r["vjps"] <= budget + 1, r["solver"]
+        if r["solver"].startswith("GMRES"):
+            assert r["all_converged"], (r["problem"], r["dtype"])
+            assert r["relative_residual_max"] <= 2e-6, (r["problem"], r["dtype"])
+        if r["solver"] == "Picard" and r["rho"] > 1:
+            assert not any(r["converged"]), r["dtype"]

@@ -151,6 +151,31 @@ def test_restore_calibrates_for_another_image_size(contractive_run: Path, tmp_pa
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
 def test_model_calibrate_is_a_no_op_for_the_standard_cell() -> None:
-    config = resolve_config(None, {"image_size": 16, "depth": 3, "width": 8})
-    DeGrad(config).calibrate((20, 20))  # nothing to calibrate; must not fail
+    # Spectral norm: its power-iteration vectors are buffers, so a calibration that ran
+    # anything on the standard cell (a power step, a re-normalisation) would change the state.
+    overrides = {"image_size": 16, "depth": 3, "width": 8, "spectral_norm": True}
+    model = DeGrad(resolve_config(None, overrides))
+    before = _state(model)
+    model.calibrate((20, 20))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert model.lipschitz_report()["lipschitz_size"] is None
+    # The contractive cell, by contrast, is re-sized to the new images (and only once).
+    contractive = DeGrad(
+        resolve_config(None, {**overrides, "spectral_norm": False, "cell": "contractive"})
+    )
+    assert contractive.lipschitz_report()["lipschitz_size"] == [16, 16]
+    contractive.calibrate((20, 20))
+    assert contractive.lipschitz_report()["lipschitz_size"] == [20, 20]
+    assert {conv.input_size for conv in contractive.denoiser.convs()} == {(20, 20)}
+    calibrated = _state(contractive)
+    contractive.calibrate((20, 20))  # already at this size: nothing changes
+    for key, value in calibrated.items():
+        assert torch.equal(contractive.state_dict()[key], value), key
