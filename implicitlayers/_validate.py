@@ -45,3 +45,16 @@ def check_choice(name: str, value: Any, choices: Collection[str]) -> None:
     if value not in choices:
         valid = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+
+
+def check_budget(max_iter: Any, atol: Any, rtol: Any, *, example_rtol: str = "1e-4") -> None:
+    """The budget and tolerances every iterative solver takes: ``max_iter >= 1``, ``atol`` and
+    ``rtol`` non-negative and not both 0 (nothing could converge in floating point)."""
+    check_int("max_iter", max_iter, minimum=1)
+    check_float("atol", atol, low=0.0)
+    check_float("rtol", rtol, low=0.0)
+    if atol == 0 and rtol == 0:
+        raise ValueError(
+            "atol and rtol are both 0, so no iterate can converge in floating point; "
+            f"make at least one positive (e.g. rtol={example_rtol})"
+        )

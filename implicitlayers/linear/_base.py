@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._repr import compact_repr
 from .._result import SolverResult
-from .._validate import check_float, check_int
+from .._validate import check_budget
 
 __all__ = ["AbstractLinearSolver", "MatVec"]
 
@@ -49,14 +49,7 @@ class AbstractLinearSolver(abc.ABC):
     rtol: float = 1e-6
 
     def __post_init__(self) -> None:
-        check_int("max_iter", self.max_iter, minimum=1)
-        check_float("atol", self.atol, low=0.0)
-        check_float("rtol", self.rtol, low=0.0)
-        if self.atol == 0 and self.rtol == 0:
-            raise ValueError(
-                "atol and rtol are both 0, so no solution can converge in floating point; "
-                "make at least one positive (e.g. rtol=1e-6)"
-            )
+        check_budget(self.max_iter, self.atol, self.rtol, example_rtol="1e-6")
 
     def __repr__(self) -> str:
         return compact_repr(self)

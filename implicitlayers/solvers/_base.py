@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._repr import compact_repr
-from .._validate import check_choice, check_float, check_int
+from .._validate import check_budget, check_choice, check_float, check_int
 
 __all__ = ["AbstractSolver", "SolverState"]
 
@@ -67,14 +67,7 @@ class AbstractSolver(abc.ABC):
     trace: bool = False
 
     def __post_init__(self) -> None:
-        check_int("max_iter", self.max_iter, minimum=1)
-        check_float("atol", self.atol, low=0.0)
-        check_float("rtol", self.rtol, low=0.0)
-        if self.atol == 0 and self.rtol == 0:
-            raise ValueError(
-                "atol and rtol are both 0, so no iterate can converge in floating point; "
-                "make at least one positive (e.g. rtol=1e-4)"
-            )
+        check_budget(self.max_iter, self.atol, self.rtol)
         check_choice("on_max_iter", self.on_max_iter, _POLICIES)
         check_choice("on_nonfinite", self.on_nonfinite, _POLICIES)
         if self.divergence_ratio is not None:
