@@ -390,6 +390,11 @@ def test_breakdown_is_reported_only_for_samples_that_end_unconverged(independent
     solver = il.Anderson(max_iter=20, regularization=0.0, divergence_ratio=None, rtol=1e-6)
     r = il.fixed_point(f, torch.zeros(2, 2), which, solver=solver, independent_samples=independent)
     assert r.status.tolist()[0] == Status.BREAKDOWN
+    # Also when every breakdown happens while the other sample is frozen (it starts at (2, 0),
+    # its fixed point, and stops at once).
+    z0 = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    r = il.fixed_point(f, z0, which, solver=solver, independent_samples=independent)
+    assert r.status.tolist() == [Status.BREAKDOWN, Status.SUCCESS] and r.n_steps[1] == 1
     broyden = il.Broyden(rtol=1e-6)
     r = il.fixed_point(f, torch.zeros(2, 2), which, solver=broyden, independent_samples=independent)
     assert r.status.tolist()[1] == Status.SUCCESS
@@ -446,11 +451,15 @@ def test_the_failure_message_lists_at_most_ten_samples_and_every_reason():
     )
 
 
-def test_divergence_is_a_residual_strictly_above_the_ratio():
+@BOTH_LOOPS
+def test_divergence_is_a_residual_strictly_above_the_ratio(independent):
     # f(z) = 3z + 1 from 0: residuals 1, 3, 9, 27 (exact). With divergence_ratio 9 the third
-    # residual equals the bound, so only the fourth diverges.
+    # residual equals the bound (nine times the first), so only the fourth diverges.
     r = il.fixed_point(
-        lambda z: 3 * z + 1, torch.zeros(1, 1, dtype=F64), solver=il.Picard(divergence_ratio=9.0)
+        lambda z: 3 * z + 1,
+        torch.zeros(1, 1, dtype=F64),
+        solver=il.Picard(divergence_ratio=9.0),
+        independent_samples=independent,
     )
     assert r.status.tolist() == [Status.DIVERGED] and r.n_steps.tolist() == [4]
     assert r.z.item() == 0.0 and r.residual.item() == 1.0  # the best iterate is the first
@@ -1266,3 +1275,252 @@ def test_the_returned_batch_is_measured_in_the_state_dtype():
     r = il.fixed_point(lambda z: -z.double(), torch.ones(1, 1), solver=il.Picard(max_iter=3))
     assert r.n_f_evals == 4 and r.z.tolist() == [[1.0]]
     assert r.residual.dtype == torch.float32 and r.residual.tolist() == [2.0]
+
+
+# --- the current core's outputs and paths ---------------------------------------------------
+
+
+def test_deq_output_repr_names_the_solution_and_the_result():
+    with torch.no_grad():
+        out = il.DEQ(lambda z, x: 0.5 * z + x, solver=il.Picard())(torch.ones(1, 1))
+    assert repr(out) == f"DEQOutput(z={out.z!r}, result={out.result!r})"
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (
+            lambda: il.DEQ(half_plus_one, has_aux=1),
+            TypeError,
+            "has_aux must be a bool, got 1",
+        ),
+        (
+            lambda: il.DEQ(lambda z, x: 0.5 * z + x)(torch.ones(1, 1), spectral_radius=1),
+            TypeError,
+            "spectral_radius must be a bool, got 1",
+        ),
+        (
+            lambda: il.DEQ(lambda z, x: 0.5 * z + x, has_aux=True)(torch.ones(1, 1)),
+            TypeError,
+            "DEQ(f, has_aux=True) needs f to return a pair (z_next, aux), got Tensor; return "
+            "(z_next, aux) or pass has_aux=False",
+        ),
+        (
+            lambda: il.fixed_point(lambda z: z[:1], torch.zeros(2, 3)),
+            ValueError,
+            "f returned a batch of 1 samples for a state of 2; f must keep the batch dimension "
+            "(one output row per input row)",
+        ),
+        (
+            lambda: il.fixed_point(half_plus_one, torch.zeros(1, 1), states=(True,)),
+            ValueError,
+            "states must hold iteration indices k >= 0 (ints), got True in (True,)",
+        ),
+    ],
+)
+def test_current_call_errors_are_worded_exactly(make, error, message):
+    with pytest.raises(error) as caught:
+        make()
+    assert str(caught.value) == message
+
+
+def test_an_f_returning_a_pair_is_pointed_to_has_aux():
+    with pytest.raises(ValueError) as caught:
+        il.fixed_point(lambda z: (z, z), torch.zeros(2, 3))
+    assert str(caught.value).endswith(
+        "fixed_point(f, z0, x)). If f returns (z_next, aux), construct the DEQ with has_aux=True."
+    )
+
+
+def test_the_attach_also_refuses_an_f_that_drops_samples():
+    # The solve runs without grad; this f drops a sample only in the differentiable call.
+    def f(z, x):
+        out = 0.5 * z + x
+        return out[:1] if torch.is_grad_enabled() else out
+
+    x = torch.ones(2, 3, requires_grad=True)
+    with pytest.raises(ValueError) as caught:
+        il.DEQ(f, solver=il.Picard())(x)
+    assert str(caught.value) == (
+        "f returned a batch of 1 samples for a state of 2; f must keep the batch dimension "
+        "(one output row per input row)"
+    )
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values on the host (as tests/test_overhead_semantics.py)."""
+
+    NAMES = frozenset({"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu"})
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_deq_passes_host_reads_to_the_solve():
+    def reads(host_reads):
+        solver = il.Picard(max_iter=24, atol=0.0, rtol=1e-30, check_every=24)
+        deq = il.DEQ(lambda z, x: 0.5 * z + x, solver=solver, host_reads=host_reads)
+        with torch.no_grad(), HostReads() as counter:
+            deq(torch.ones(2, 3, dtype=F64))
+        return counter.count
+
+    assert reads(False) <= 2 < 24 <= reads(True)
+
+
+def test_a_failed_sample_has_no_jacobian_penalty():
+    x = torch.tensor([[1.0, 1.0], [float("nan"), 1.0]])
+    deq = il.DEQ(lambda z, x: 0.5 * z + x, solver=il.Picard(on_nonfinite="ignore"))
+    out = deq(x, jacobian_penalty=2)
+    assert out.jacobian_penalty[1].item() == 0.0 and out.jacobian_penalty[0].item() > 0.0
+
+
+def test_recorded_states_of_an_empty_or_half_precision_batch_keep_the_state_dtype():
+    solver = il.Picard(rtol=1e-2)
+    empty = il.fixed_point(
+        half_plus_one, torch.zeros(0, 3, dtype=torch.float16), solver=solver, states=(0, 2)
+    )
+    assert len(empty.states) == 2
+    assert all(s.shape == (0, 3) and s.dtype == torch.float16 for s in empty.states)
+    r = il.fixed_point(
+        half_plus_one, torch.zeros(2, 3, dtype=torch.float16), solver=solver, states=(1,)
+    )
+    assert r.states[0].dtype == torch.float16 and (r.states[0] == 1.0).all()
+
+
+@pytest.mark.parametrize("host_reads", [None, False])
+def test_a_recorded_state_of_a_stopped_sample_is_its_returned_iterate(host_reads):
+    # Sample 1 (rate 3) diverges at k = 3 (residual 27 > 10 x 1) and returns z_0 = 0; sample 0
+    # follows z_k = 2 - 2^(1-k).
+    rate = torch.tensor([[0.5], [3.0]], dtype=F64)
+    solver = il.Picard(max_iter=20, divergence_ratio=10.0, atol=0.0, rtol=1e-30)
+    r = il.fixed_point(
+        lambda z: rate * z + 1,
+        torch.zeros(2, 1, dtype=F64),
+        solver=solver,
+        states=(0, 2, 8),
+        host_reads=host_reads,
+    )
+    assert r.status.tolist() == [Status.MAX_ITER, Status.DIVERGED] and r.z[1].item() == 0.0
+    # At k = 2 sample 1 still runs (z_2 = 4); at k = 8 it has stopped.
+    assert [s.flatten().tolist() for s in r.states] == [[0.0, 0.0], [1.5, 4.0], [2 - 2**-7, 0.0]]
+
+
+def test_tuple_states_are_selected_and_cast_like_tensor_states():
+    # The compacted loop on a tuple state: x (batched) is selected as samples stop, the
+    # offset (not batched) is not; f sees the state in its own dtype (float16).
+    seen = []
+
+    def f(z, x, offset):
+        a, b = z
+        seen.append((a.dtype, a.shape[0], x.shape[0], offset.shape))
+        return (0.5 * a + x, 0.5 * b + offset)
+
+    x = torch.tensor([[2.0], [0.0], [4.0]], dtype=torch.float16)
+    offset = torch.tensor([1.0, 1.0], dtype=torch.float16)
+    z0 = (torch.zeros(3, 1, dtype=torch.float16), torch.full((3, 2), 2.0, dtype=torch.float16))
+    z0[0][1] = 0.0  # sample 1 starts at its fixed point (0, (2, 2))
+    solver = il.Picard(rtol=1e-2, atol=0.0, max_iter=100)
+    r = il.fixed_point(f, z0, x, offset, solver=solver, independent_samples=True)
+    a, b = r.z
+    assert a.dtype == b.dtype == torch.float16 and r.n_steps[1] == 1
+    torch.testing.assert_close(a, 2 * x, rtol=2e-2, atol=0)
+    assert {dtype for dtype, *_ in seen} == {torch.float16}
+    assert all(rows == xrows and shape == (2,) for _, rows, xrows, shape in seen)
+    assert min(rows for _, rows, _, _ in seen) == 2
+
+
+def test_anderson_with_one_pair_is_picard_bit_for_bit():
+    f, g = tanh_map()
+    z0 = torch.randn(2, 4, generator=g, dtype=F64)
+    runs = []
+    for solver in (
+        il.Anderson(history_size=1, max_iter=8, **NEVER),
+        il.Picard(max_iter=8, **NEVER),
+    ):
+        fr, calls = recording(f)
+        il.fixed_point(fr, z0, solver=solver)
+        runs.append(torch.stack(calls))
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("by_step", [False, True], ids=["step_at", "step"])
+def test_a_rejected_extrapolation_takes_the_plain_step_from_its_base(m, by_step):
+    # As test_overhead_semantics' safeguard test, for every history size that extrapolates
+    # and through step() (slots at count % m per sample) as well as step_at().
+    solver = il.Anderson(history_size=m, mixing=0.5)
+    take = (lambda k, s, z, fz: solver.step(s, z, fz)) if by_step else solver.step_at
+    z0, f0 = torch.zeros(3, 4, dtype=F64), torch.ones(3, 4, dtype=F64)
+    state = solver.init(z0)
+    z1, state, _ = take(0, state, z0, f0)
+    f1 = z1 + 0.5 * (f0 - z0)
+    z2, state, _ = take(1, state, z1, f1)
+    f2 = z2 + 3.0 * (f1 - z1)  # its residual is three times the base's
+    z3, state, breakdown = take(2, state, z2, f2)
+    torch.testing.assert_close(z3, torch.lerp(z1, f1, 0.5), atol=1e-15, rtol=0)
+    assert not breakdown.any()
+
+
+def test_an_unconverged_broyden_solve_is_max_iter_not_breakdown():
+    f, g = tanh_map()
+    r = il.fixed_point(
+        f, torch.randn(2, 4, generator=g, dtype=F64), solver=il.Broyden(max_iter=3, **NEVER)
+    )
+    assert r.status.tolist() == [Status.MAX_ITER] * 2
+
+
+def test_broyden_step_and_step_at_give_the_same_iterates():
+    # step() reads each sample's own has_prev flag; step_at() knows it from the count. Also
+    # a run that starts with step_at(0) and goes on with step(). (Under a meta default device,
+    # so that no flag is made off the state's device.)
+    f, g = tanh_map()
+    z0 = torch.randn(2, 4, generator=g, dtype=F64)
+    solver = il.Broyden(memory=2)
+    with torch.device("meta"):
+        a, b, c = (solver.init(z0) for _ in range(3))  # (steps update the buffers in place)
+        za = zb = zc = z0
+        for k in range(7):
+            za, a, ba = solver.step(a, za, f(za))
+            zb, b, bb = solver.step_at(k, b, zb, f(zb))
+            zc, c, bc = (solver.step_at if k == 0 else lambda k, s, z, fz: solver.step(s, z, fz))(
+                k, c, zc, f(zc)
+            )
+            for z, flags in ((za, ba), (zc, bc)):
+                torch.testing.assert_close(z, zb, rtol=1e-12, atol=1e-14)
+                assert not flags.any() and not bb.any()
+    # A breakdown through step(): the same restart and Picard step as through step_at().
+    f = near_singular_secant(1e-17)
+    z0 = torch.zeros(1, 2, dtype=F64)
+    a, b = solver.init(z0), solver.init(z0)
+    za = zb = z0
+    flags = []
+    for k in range(3):
+        za, a, ba = solver.step(a, za, f(za))
+        zb, b, bb = solver.step_at(k, b, zb, f(zb))
+        assert torch.equal(za, zb) and ba.tolist() == bb.tolist()
+        flags.append(bb.item())
+    assert flags[:2] == [False, True]  # no breakdown at the first step, one at the second
+
+
+def test_half_precision_gradients_through_the_default_adjoint_keep_the_state_dtype():
+    # bfloat16 state, GMRES adjoint (solved in float32): the adjoint result and the gradient
+    # come back in bfloat16, at the closed form (I - W^T)^-1 1 = 2 for W = I / 2. (The default
+    # rtol 1e-6 is below what bfloat16 products resolve, so the solve reports MAX_ITER; see
+    # the report of this change.)
+    x = torch.ones(2, 3, dtype=torch.bfloat16, requires_grad=True)
+    deq = il.DEQ(
+        lambda z, x: 0.5 * z + x,
+        solver=il.Picard(rtol=1e-2, max_iter=100),
+        backward=il.ImplicitDifferentiation(on_unconverged="ignore"),
+    )
+    z, _ = deq(x)
+    z.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert deq.last_backward_result.z.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), torch.full((2, 3), 2.0), rtol=1e-2, atol=0)
