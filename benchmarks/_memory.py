@@ -11,6 +11,13 @@
   C allocator's slack.
 * :class:`SavedTensors`: bytes of the tensors autograd saves for backward, through
   ``torch.autograd.graph.saved_tensors_hooks``: exact and device-independent.
+* :class:`PeakMemory`: the CUDA or resident-set peak of a ``with`` block (a training step),
+  the instrument behind :func:`cuda_peak_bytes` and :func:`rss_peak_bytes`.
+* :class:`CallCounter`: forward calls of a module and the vector-Jacobian products through it,
+  counted by hooks, without wrapping the module (its ``state_dict`` keys stay the same).
+
+The DE-GRAD Table 2 benchmark (``benchmarks/deblur_table.py``) and the suites measure with
+these same helpers.
 """
 
 from __future__ import annotations
@@ -27,16 +34,98 @@ from torch.profiler import ProfilerActivity, profile
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 
+class PeakMemory:
+    """The memory high-water mark of a ``with`` block, above what was in use when it began.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (reset at entry). On the CPU: the resident
+    set's peak ``VmHWM``, reset through ``/proc/self/clear_refs`` at entry (Linux; elsewhere
+    ``peak_bytes`` stays ``None``), which includes the C allocator's slack.
+
+    Attributes:
+        peak_bytes: Set on exit.
+        method: The instrument, in words.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes: int | None = None
+        self.method = "cuda_max_allocated" if device.type == "cuda" else "rss_hwm"
+        self._base: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        try:
+            with open(_CLEAR_REFS, "w", encoding="utf-8") as handle:
+                handle.write("5")  # resets VmHWM to the current VmRSS
+        except OSError:
+            return self
+        kib = _status_kib("VmRSS")
+        self._base = None if kib is None else kib * 1024
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._base is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - self._base)
+            return
+        kib = _status_kib("VmHWM")
+        self.peak_bytes = None if kib is None else max(0, kib * 1024 - self._base)
+
+
+class CallCounter:
+    """Count a module's forward calls and the reverse passes (VJPs) through its outputs.
+
+    A reverse pass is counted each time a gradient flows back through an output of the module
+    (one per vector-Jacobian product, whoever computes it: a backward rule's adjoint solve or
+    the final ``loss.backward()``), by a forward hook that registers a tensor hook on every
+    output that requires grad. The module itself is not wrapped.
+
+    Args:
+        module: The module to watch (``remove()`` the hook when done, or use the counter as a
+            context manager).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.forward_calls = 0
+        self.reverse_calls = 0
+        self._handle = module.register_forward_hook(self._forward)
+
+    def _forward(self, module: torch.nn.Module, args: Any, out: Any) -> None:
+        self.forward_calls += 1
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(self._reverse)  # type: ignore[no-untyped-call]
+
+    def _reverse(self, grad: torch.Tensor) -> None:
+        self.reverse_calls += 1
+
+    def reset(self) -> None:
+        """Zero both counters."""
+        self.forward_calls = self.reverse_calls = 0
+
+    def remove(self) -> None:
+        """Remove the hook."""
+        self._handle.remove()
+
+    def __enter__(self) -> CallCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
 def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated on ``device`` while ``fn`` runs, above what was live before."""
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device) - base)
+    with PeakMemory(device) as peak:
+        fn()
+    return int(peak.peak_bytes or 0)
 
 
 def profiler_peak_bytes(fn: Callable[[], Any]) -> int | None:
@@ -90,18 +179,9 @@ def _status_kib(field: str) -> int | None:
 
 def rss_peak_bytes(fn: Callable[[], Any]) -> int | None:
     """Growth of the peak resident set size while ``fn`` runs (Linux), else ``None``."""
-    gc.collect()
-    try:
-        with open(_CLEAR_REFS, "w", encoding="utf-8") as handle:
-            handle.write("5")  # resets VmHWM to the current VmRSS
-    except OSError:
-        return None
-    base = _status_kib("VmRSS")
-    fn()
-    peak = _status_kib("VmHWM")
-    if base is None or peak is None:
-        return None
-    return max(0, (peak - base) * 1024)
+    with PeakMemory(torch.device("cpu")) as peak:
+        fn()
+    return peak.peak_bytes
 
 
 class SavedTensors:

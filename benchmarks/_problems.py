@@ -134,40 +134,6 @@ class ResidualBlockCell(nn.Module):
         return out
 
 
-class Counted(nn.Module):
-    """Wrap a cell to count its forward calls and the reverse passes through it.
-
-    A reverse pass is counted each time a gradient flows back through an output of the cell
-    (one per vector-Jacobian product, whoever computes it), which counts our and torchdeq's
-    adjoint iterations the same way.
-
-    Args:
-        inner: The cell.
-    """
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.forward_calls = 0
-        self.reverse_calls = 0
-
-    def reset(self) -> None:
-        """Zero both counters."""
-        self.forward_calls = 0
-        self.reverse_calls = 0
-
-    def _count_reverse(self, grad: Tensor) -> None:
-        self.reverse_calls += 1
-
-    def forward(self, z: Tensor, *inputs: Any) -> Tensor:
-        """Call the cell and count."""
-        self.forward_calls += 1
-        out: Tensor = self.inner(z, *inputs)
-        if out.requires_grad:
-            out.register_hook(self._count_reverse)
-        return out
-
-
 @dataclass
 class Problem:
     """A fixed-point problem ready to solve.

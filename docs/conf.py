@@ -71,6 +71,7 @@ nitpick_ignore = [
     ("py:class", "enum.IntEnum"),
     ("py:class", "collections.abc.Callable"),
     ("py:class", "collections.abc.Sequence"),
+    ("py:class", "collections.abc.Mapping"),
     ("py:func", "torch.no_grad"),
     ("py:func", "torch.nn.utils.parametrize.cached"),
     ("py:func", "torch.nn.utils.parametrize.register_parametrization"),

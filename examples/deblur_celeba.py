@@ -1,25 +1,25 @@
-r"""DE-GRAD deblurring on CelebA, trained with Jacobian-free backpropagation.
+r"""DE-GRAD deblurring, trained through its fixed point with Jacobian-free backpropagation.
 
-Deep equilibrium gradient descent (DE-GRAD, Gilton et al. 2021) reconstructs a sharp image
-:math:`x` from a blurred, noisy measurement :math:`d = A x + e` as the fixed point of
+A sharp image :math:`x \in [-1, 1]^{3 \times H \times W}` is measured as :math:`d = A x + e`:
+:math:`A` a 5x5 Gaussian blur of standard deviation 5 with zero padding, :math:`e` Gaussian
+noise of standard deviation 0.01. DE-GRAD (Gilton, Ongie & Willett, 2021) reconstructs
+:math:`x` as the fixed point of one gradient step on a learned objective,
 
 .. math::
 
-    T(x; d) = x - \eta \big(A^\top (A x - d) + R(x)\big), \qquad R = I - D,
+    x^\star = T(x^\star; d), \qquad
+    T(x; d) = \Pi\big(x - \eta\,(A^\top (A x - d) + x - D_\theta(x))\big),
 
-with :math:`A` a 5x5 Gaussian blur (standard deviation 5), noise std 0.01 on pixels in
-:math:`[-1, 1]`, and :math:`D` a DnCNN denoiser. Following Liu, Tong & Zhao ("Training
-Implicit Networks for Image Deblurring using Jacobian-Free Backpropagation", 2024) the
-network is trained through the fixed point with JFB; ``--backward neumann|implicit`` gives
-the alternatives. Unlike the paper's code this example initialises :math:`\eta` sensibly,
-pretrains :math:`D` as a (residual) denoiser consistent with :math:`R`'s role, stops each
-sample when it has converged, and reports forward iterations per sample.
+with :math:`D_\theta` a DnCNN denoiser (the regulariser is :math:`R = I - D`), :math:`\eta`
+learned and :math:`\Pi` the clamp to :math:`[-1, 1]`. As in Liu, Tong & Zhao (2024) the
+network is trained with JFB: the loss's gradient flows through one application of :math:`T`
+at the detached fixed point (``--backward`` picks another of the library's rules).
 
-Run ``python examples/deblur_celeba.py`` for the complete CPU demo on photographs shipped
-with scikit-image, or ``--help`` for the CelebA options (``--data-dir``,
-``--preset paper``), ``evaluate``, ``restore`` and ``compare`` (baselines and backward rules
-side by side, the paper's Table 2), and ``torchrun`` for several GPUs.
-The helper modules live in ``examples/deblur/``.
+``python examples/deblur_celeba.py`` is the CPU demo on photographs shipped with scikit-image
+(minutes on two cores); ``train --data-dir DIR [--preset small|paper]`` trains on CelebA
+(``torchrun`` for several processes); ``evaluate --checkpoint`` and ``restore --checkpoint
+--input --output [--simulate]`` use a checkpoint; ``--help`` lists every setting. Image files,
+checkpoints, ``torchrun``, figures and the command line live in ``examples/deblur/``.
 """
 
 from __future__ import annotations
@@ -31,40 +31,466 @@ from pathlib import Path
 # On a shared CPU, OpenMP threads that spin while waiting make every convolution many times
 # slower (measured: 10 ms -> 550 ms per DnCNN call on 2 busy cores). Must precede `import torch`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 if __package__ in (None, ""):  # run as a script: make the helper package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deblur.cli import parse_args
-from deblur.config import ConfigError
+import dataclasses
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from deblur import cli, data, ddp, report, state
+from deblur.cli import Command, Options, SettingsError, arg
+from deblur.data import TEST_SEED, Images, Splits, image_seeds, load, make_splits, noise, shard
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parametrize
+from torch.optim import Adam
+from torch.optim.lr_scheduler import CosineAnnealingLR
+from tqdm.auto import tqdm
+
+import implicitlayers as il
+from implicitlayers import imaging
+from implicitlayers.backward import BACKWARDS
+from implicitlayers.imaging import DEGRADCell, LinearOperator
+from implicitlayers.solvers import SOLVERS
+
+logger = logging.getLogger("deblur")
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines a run, stored in its checkpoints. Each field is a flag
+    (``image_size`` is ``--image-size``); the library checks what it owns (solver and rule
+    names and bounds, the network's sizes, the step) when the objects are built."""
+
+    # Data.
+    data_dir: str | None = arg(None, "CelebA folder; the built-in photographs without it")
+    split_seed: int = arg(0, "seed of the CelebA train/test split")
+    image_size: int = arg(32, "image side (CelebA resize, built-in crop)", low=8)
+    train_crop: int | None = arg(None, "train on random crops of this side", low=8)
+    limit: int | None = arg(None, "at most this many CelebA training images", low=1)
+    val_size: int = arg(500, "CelebA validation images, taken from training", low=1)
+    test_limit: int | None = arg(None, "at most this many CelebA test images", low=1)
+    test_offset: int = arg(0, "skip this many CelebA test images first (a fresh slice)", low=0)
+    builtin_crops: tuple[int, ...] = arg((2048, 64, 96), "built-in train, val, test crops", low=1)
+    # Measurement d = A x + e.
+    kernel_size: int = arg(5, "blur kernel side (odd)")
+    blur_std: float = arg(5.0, "blur standard deviation in pixels")
+    noise_std: float = arg(0.01, "noise standard deviation on [-1, 1] pixels", low=0.0)
+    # Network.
+    cell: str = arg("standard", "contractive: Lip(T) < 1", choices=("standard", "contractive"))
+    lipschitz: float = arg(0.9, "Lip(D) of the contractive denoiser")
+    depth: int = arg(6, "DnCNN convolutions")
+    width: int = arg(32, "DnCNN channels")
+    batch_norm: bool = arg(False, "batch norm in DnCNN", negatable=True)
+    spectral_norm: bool = arg(False, "spectral norm on DnCNN's convolutions", negatable=True)
+    step_size: float = arg(0.8, "initial step eta")
+    # Solver and backward rule.
+    solver: str = arg("anderson", "forward fixed-point solver", choices=tuple(SOLVERS))
+    max_iter: int = arg(50, "training solver budget")
+    eval_max_iter: int = arg(100, "validation and test solver budget")
+    rtol: float = arg(1e-3, "relative tolerance")
+    atol: float = arg(5e-4, "absolute tolerance on the per-pixel RMS residual")
+    backward: str = arg("jfb", "backward rule", choices=tuple(BACKWARDS))
+    neumann_terms: int = arg(5, "k of --backward neumann (terms) and phantom (steps)")
+    implicit_max_iter: int = arg(30, "adjoint solver budget of --backward implicit")
+    # Training.
+    seed: int = arg(0, "random seed")
+    batch_size: int = arg(8, "images per step per process", low=1)
+    epochs: int = arg(4, "DEQ training epochs", low=0)
+    lr: float = arg(1e-3, "Adam learning rate, cosine decay to a tenth")
+    grad_clip: float = arg(1.0, "gradient-norm clip (0: off)", low=0.0)
+    pretrain_steps: int = arg(1500, "denoiser pretraining steps", low=0)
+    pretrain_lr: float = arg(2e-3, "denoiser pretraining learning rate")
+    checkpoint_every: int = arg(100, "also save last.pt every this many steps", low=1)
+    workers: int = arg(0, "DataLoader worker processes", low=0)
+    device: str = arg("auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
+    # Evaluation.
+    eval_batch_size: int = arg(32, "images per evaluation batch", low=1)
+    budgets: tuple[int, ...] = arg((1, 2, 5, 10, 20, 50), "test-time budgets to sweep", low=1)
+    figure_samples: int = arg(6, "test images in the figure", low=1)
+
+    def __post_init__(self) -> None:
+        cli.check(self)  # choices and lower bounds declared with arg()
+        if len(self.builtin_crops) != 3:
+            raise SettingsError(f"--builtin-crops takes 3 counts, got {self.builtin_crops}")
+        if (self.train_crop or 0) > self.image_size:
+            raise SettingsError(f"--train-crop {self.train_crop} exceeds --image-size")
+        if self.cell == "contractive" and (self.batch_norm or self.spectral_norm):
+            raise SettingsError("--[spectral|batch]-norm do not apply to --cell contractive")
+        try:  # what the library owns, the library checks
+            make_solver(self), make_solver(self, self.eval_max_iter), make_backward(self)
+            imaging.GaussianBlur(self.kernel_size, self.blur_std)
+        except (ValueError, TypeError) as err:
+            flags = "--solver, --[eval-]max-iter, --rtol, --atol, --backward, --neumann-terms, "
+            flags += "--kernel-size, --blur-std"
+            raise SettingsError(f"{flags}: {err}") from None
+
+
+#: Named starting points: override dicts of Settings (explicit flags override them in turn).
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {},  # built-in photographs, 32x32, DnCNN 6x32: minutes on a CPU
+    "small": {"image_size": 64, "depth": 8, "width": 48, "step_size": 1.0, "pretrain_steps": 1000}
+    | {"limit": 3000, "val_size": 128, "test_limit": 256},
+    "paper": {"image_size": 128, "depth": 17, "width": 64, "batch_norm": True}
+    | {"spectral_norm": True, "step_size": 0.5, "batch_size": 16, "epochs": 20, "lr": 1e-4}
+    | {"pretrain_steps": 2000, "pretrain_lr": 1e-3, "checkpoint_every": 500},
+}
+#: What ``--cell contractive`` changes unless given: a step inside the library's bound
+#: (below 2/3), no batch or spectral norm.
+CONTRACTIVE = {"step_size": 0.5, "batch_norm": False, "spectral_norm": False}
+
+
+def resolve(preset: str | None, overrides: dict[str, Any]) -> Settings:
+    """Settings from a preset (``demo``, or ``small`` with ``--data-dir``) and explicit values."""
+    preset = preset or ("demo" if overrides.get("data_dir") is None else "small")
+    cell = CONTRACTIVE if overrides.get("cell") == "contractive" else {}
+    return Settings(**{**PRESETS[preset], **cell, **overrides})
+
+
+# ---------------------------------------------------------------------- the measurement
+
+
+def measure(A: LinearOperator, x: Tensor, seeds: list[int], std: float) -> Tensor:
+    r""":math:`d = A x + \sigma e`: each image is blurred with zero padding at its own border."""
+    with torch.no_grad():
+        d: Tensor = A(x) + std * noise(seeds, x.shape[1:]).to(x)
+    return d
+
+
+def tikhonov(A: LinearOperator, d: Tensor) -> Tensor:
+    r"""The classical anchor: :math:`(A^\top A + 0.01 I) x = A^\top d` by 60 CG steps."""
+    return imaging.tikhonov_cg(A, d, lam=0.01, steps=60).clamp(-1, 1)
+
+
+# ------------------------------------------------------------------------ model and DEQ
+
+
+def make_solver(s: Settings, max_iter: int | None = None) -> il.AbstractSolver:
+    """The forward solver ``--solver``; ``atol`` bounds the residual's RMS per pixel."""
+    budget = s.max_iter if max_iter is None else max_iter
+    return SOLVERS[s.solver](max_iter=budget, rtol=s.rtol, atol=s.atol, norm="rms")
+
+
+def make_backward(s: Settings) -> il.AbstractBackward:
+    """The backward rule ``--backward`` with its hyperparameters."""
+    adjoint = il.Anderson(max_iter=s.implicit_max_iter, rtol=1e-4, atol=1e-9, norm="rms")
+    extra: dict[str, dict[str, Any]] = {
+        "neumann": {"terms": s.neumann_terms},
+        "phantom": {"steps": s.neumann_terms},
+        "implicit": {"solver": adjoint, "on_unconverged": "ignore"},  # convergence is logged
+    }
+    return BACKWARDS[s.backward](**extra.get(s.backward, {}))
+
+
+def build_model(s: Settings) -> il.DEQ:
+    r"""The DE-GRAD cell :math:`T` in a :class:`~implicitlayers.DEQ`; samples stop one by one.
+
+    ``standard``: :math:`D(x) = x - N(x)` (``DnCNN(residual=True)``, :math:`N` predicting the
+    noise), so :math:`R = N` vanishes on clean images. ``contractive``: :math:`D` a
+    ``ContractiveDnCNN`` in ``DEGRADCell.contractive``, so that
+    :math:`\operatorname{Lip}(T) \le 1 - \eta (1 - \operatorname{Lip}(D)) < 1`.
+    """
+    torch.manual_seed(s.seed)
+    A, size = imaging.GaussianBlur(s.kernel_size, s.blur_std), (s.train_crop or s.image_size,) * 2
+    try:  # the library checks the network's settings
+        if s.cell == "contractive":
+            D = imaging.ContractiveDnCNN(
+                3, s.depth, s.width, lipschitz=s.lipschitz, input_size=size
+            )
+            cell = DEGRADCell.contractive(A, D, step_size=s.step_size)
+        else:
+            norms = {"batch_norm": s.batch_norm, "spectral_norm": s.spectral_norm}
+            N = imaging.DnCNN(3, s.depth, s.width, residual=True, **norms)
+            cell = DEGRADCell(A, N, step_size=s.step_size, residual_regularizer=True)
+    except (ValueError, TypeError) as err:
+        raise SettingsError(f"--depth, --width, --lipschitz, --step-size: {err}") from None
+    return il.DEQ(cell, solver=make_solver(s), backward=make_backward(s), independent_samples=True)
+
+
+def cell_of(model: il.DEQ) -> DEGRADCell:
+    """The DE-GRAD cell of ``model``: its ``operator`` is :math:`A`, its ``regularizer`` D."""
+    return cast(DEGRADCell, model.f)
+
+
+def reconstruct(
+    model: il.DEQ, d: Tensor, solver: il.AbstractSolver | None = None, net: nn.Module | None = None
+) -> tuple[Tensor, il.SolverResult]:
+    """Solve :math:`x = T(x; d)` from 10 Tikhonov-CG steps (``net``: ``model`` under DDP)."""
+    z, result = (net or model)(d, z0=cell_of(model).initial_point(d, method="cg"), solver=solver)
+    # Anderson's best iterate mixes clamped outputs and can leave [-1, 1] by up to its residual.
+    return z.clamp(-1.0, 1.0), result
+
+
+def fit_norms(model: il.DEQ, size: tuple[int, int], *, training: bool) -> None:
+    """Keep the denoiser's norm estimates right while the DEQ runs in ``eval()`` mode.
+
+    DEQ training keeps the model in eval mode, so batch norm uses running statistics and
+    :math:`T` is one map per sample, the map of test time. Before a training step, torch's
+    spectral-norm parametrizations return to training mode (the DEQ computes each weight once
+    per call: one power step per step) and contractive layers take one power step. Before
+    validation or test, contractive layers get their exact norms at the images' size, so that
+    the certified bound holds there.
+    """
+    D = cell_of(model).regularizer
+    with torch.no_grad():
+        if isinstance(D, imaging.ContractiveDnCNN):
+            if not training or D.convs()[0].input_size != size:
+                D.calibrate_exact(size)
+            if training:
+                D.calibrate(size)
+        elif training:
+            for m in D.modules():
+                if parametrize.is_parametrized(m, "weight"):
+                    cast(Any, m).parametrizations["weight"].train()
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def train(
+    s: Settings,
+    splits: Splits,
+    out: Path,
+    ctx: ddp.Context,
+    opts: Options | None = None,
+    *,
+    start: dict[str, Any] | None = None,
+    stop: state.StopFlag | None = None,
+    hook: Callable[[il.DEQ], AbstractContextManager[dict[str, Any]]] | None = None,
+) -> tuple[il.DEQ, state.Progress]:
+    r"""Pretrain :math:`D`, then train the DEQ end to end, validating after every epoch.
+
+    Phase 1: :math:`D(x + \sigma e) \approx x`, :math:`\sigma` uniform in ``[0, 0.1]``.
+    Phase 2: minimise :math:`\|x^\star(d) - x\|^2` through the
+    fixed point with the backward rule (Adam, cosine schedule). ``best.pt`` (by validation
+    PSNR) and ``last.pt`` go to ``out``; a stop request (Ctrl-C, SIGTERM, ``--max-steps``)
+    saves ``last.pt`` and returns. ``start``: a checkpoint, or part of one, to continue from.
+    ``hook(model)`` wraps every DEQ step; the dict it yields joins the step's log record
+    (``benchmarks/deblur_table.py`` measures memory and VJPs there).
+    """
+    stop, start, hook = stop or state.StopFlag(), start or {}, hook or (lambda m: nullcontext({}))
+    opts = opts or Options()
+    model = build_model(s).to(ctx.device)
+    A, denoiser = cell_of(model).operator, cell_of(model).regularizer
+    pre_opt, opt = Adam(denoiser.parameters(), s.pretrain_lr), Adam(model.parameters(), s.lr)
+    total = len(shard(splits.train, s.batch_size, ctx, s.seed)) * s.epochs
+    schedule = CosineAnnealingLR(opt, max(total, 1), eta_min=s.lr / 10)
+    objects = dict(model=model, pretrain_optimizer=pre_opt, optimizer=opt, scheduler=schedule)
+    meta = {"settings": dataclasses.asdict(s), "data": splits.description}
+    run = state.Run(out, objects, meta, ctx.main, start)  # loads the states and progress
+    progress, show = run.progress, ctx.main and not opts.no_progress
+
+    def validate() -> None:
+        fit_norms(model, (s.image_size,) * 2, training=False)
+        rows = evaluate(model, s, splits.val, ctx, tag="val", seed=s.seed)
+        means = {k: v for k, v in rows.items() if not k.startswith(("image/", "seconds"))}
+        m: dict[str, Any] = ctx.mean(means)  # over every process's images
+        m["lipschitz_bound"] = cell_of(model).lipschitz_bound() if s.cell == "contractive" else None
+        run.validated(m)  # logs m; saves last.pt, and best.pt when its PSNR is the best yet
+
+    if progress.phase == "pretrain":  # Phase 1: the denoiser alone, on random batches
+        net: nn.Module = DistributedDataParallel(denoiser) if ctx.world > 1 else denoiser
+        denoiser.train()
+        todo = data.draws(splits.train, s.batch_size, ctx, s.seed, s.pretrain_steps)
+        batches = load(splits.train, todo[progress.pretrain_step :], s.workers)
+        bar = tqdm(batches, "pretrain", len(todo), initial=progress.pretrain_step, disable=not show)
+        for index, x in bar:
+            seeds = image_seeds(s.seed, "pretrain", progress.pretrain_step, index)
+            x = data.augment(x, seeds, s.train_crop).to(ctx.device)
+            sigma = 0.1 * torch.tensor([seed / 2**63 for seed in seeds]).to(x)  # U[0, 0.1]
+            e = noise([seed ^ 1 for seed in seeds], x.shape[1:]).to(x)
+            loss = F.mse_loss(net(x + sigma[:, None, None, None] * e), x)
+            pre_opt.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            nn.utils.clip_grad_norm_(denoiser.parameters(), s.grad_clip or float("inf"))
+            pre_opt.step()
+            progress.pretrain_step += 1
+            if run.after_step(stop, ctx.any, opts.max_steps, s.checkpoint_every):
+                return model, progress  # stopped, last.pt saved
+        progress.phase = "deq"
+        run.save("last.pt")
+
+    # Phase 2: the DEQ, end to end through its fixed point (the model stays in eval mode).
+    net = DistributedDataParallel(model) if ctx.world > 1 else model
+    model.eval()
+    if progress.phase == "deq" and progress.epoch == 0 and progress.best_epoch is None:
+        validate()  # epoch 0: the pretrained denoiser inside the DEQ
+    while progress.phase == "deq" and progress.epoch < s.epochs:
+        todo = shard(splits.train, s.batch_size, ctx, s.seed, progress.epoch)
+        what = f"epoch {progress.epoch + 1}/{s.epochs} ({s.backward})"
+        batches = load(splits.train, todo[progress.step_in_epoch :], s.workers)
+        bar = tqdm(batches, what, len(todo), initial=progress.step_in_epoch, disable=not show)
+        for index, x in bar:
+            tic = time.perf_counter()
+            with hook(model) as extra:
+                seeds = image_seeds(s.seed, "train", progress.epoch, index)
+                x = data.augment(x, seeds, s.train_crop).to(ctx.device)  # crop first, then measure
+                d = measure(A, x, seeds, s.noise_std)
+                fit_norms(model, (x.shape[2], x.shape[3]), training=True)
+                x_hat, result = reconstruct(model, d, net=net)
+                model.eval()  # that forward took its spectral-norm power step
+                loss = F.mse_loss(x_hat, x)
+                opt.zero_grad(set_to_none=True)
+                torch.autograd.backward(loss)
+                norm = nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip or float("inf"))
+                lr = schedule.get_last_lr()[0]
+                opt.step()
+                schedule.step()
+            progress.global_step += 1
+            progress.step_in_epoch += 1
+            scalars = {"loss": loss.item(), "grad_norm": float(norm), "lr": lr}
+            scalars |= {"step_size": cell_of(model).step_size.item()}
+            scalars |= {"sec_per_step": time.perf_counter() - tic, **extra}
+            run.log_step(result, model.last_backward_result, scalars)
+            bar.set_postfix(loss=f"{loss.item():.2e}", iters=f"{result.n_steps.float().mean():.1f}")
+            if run.after_step(stop, ctx.any, opts.max_steps, s.checkpoint_every):
+                return model, progress  # stopped, last.pt saved
+        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+        validate()
+    progress.phase = "done"
+    run.save("last.pt")
+    return model, progress
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model: il.DEQ,
+    s: Settings,
+    images: Images,
+    ctx: ddp.Context,
+    *,
+    tag: str = "test",
+    seed: int = TEST_SEED,
+    budgets: tuple[int, ...] = (),
+    keep: int = 0,
+    bars: bool = False,
+    measured: bool = False,
+) -> dict[str, list[Any]]:
+    """Per-image results on whole images (this process's share): PSNR and SSIM of the
+    measurement, Tikhonov-CG and DE-GRAD, loss, forward iterations, convergence, PSNR at each
+    test-time budget ``k`` (0: the start), seconds, and the first ``keep`` images. Test noise
+    is seeded by :data:`TEST_SEED`: every method and run sees the same measurements.
+    ``measured``: the images are measurements already (``restore``; the scores then
+    compare with them)."""
+    A, rows = cell_of(model).operator, defaultdict(list)
+    todo = shard(images, s.eval_batch_size, ctx)
+    model.eval()
+    for index, x in tqdm(load(images, todo), total=len(todo), desc=tag, disable=not bars):
+        x = x.to(ctx.device)
+        d = x if measured else measure(A, x, image_seeds(seed, tag, 0, index), s.noise_std)
+        with torch.no_grad():
+            tic = time.perf_counter()
+            x_hat, result = reconstruct(model, d, make_solver(s, s.eval_max_iter))
+            rows["seconds"].append(time.perf_counter() - tic)
+            room = max(keep - len(rows["image/x"]), 0)
+            rows["image/x"] += list(x[:room].cpu())
+            methods = {"measurement": d.clamp(-1, 1), "tikhonov_cg": tikhonov(A, d)}
+            for name, v in (methods | {"degrad": x_hat}).items():
+                for metric, values in report.scores(v, x).items():
+                    rows[f"{name}/{metric}"] += values.tolist()
+                rows[f"image/{name}"] += list(v[:room].cpu())
+            rows["loss"] += ((x_hat - x) ** 2).flatten(1).mean(1).tolist()
+            rows["iterations"] += result.n_steps.tolist()
+            rows["converged"] += result.converged.float().tolist()
+            x0 = cell_of(model).initial_point(d, method="cg")
+            for k in budgets:
+                x_k = reconstruct(model, d, make_solver(s, k))[0] if k else x0
+                rows[f"budget/{k}"] += imaging.psnr_standard(x_k.clamp(-1, 1), x).tolist()
+    return dict(rows)
+
+
+def load_model(
+    path: str | Path, overrides: dict[str, Any]
+) -> tuple[dict[str, Any], Settings, il.DEQ]:
+    """A checkpoint, its settings (with ``overrides``) and its trained model, in eval mode."""
+    saved = state.load(path)
+    s = dataclasses.replace(Settings(**saved["settings"]), **overrides)
+    model = build_model(s).to(ddp.pick_device(s.device))
+    model.load_state_dict(saved["model"])
+    return saved, s, model.eval()
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_train(opts: Options, overrides: dict[str, Any]) -> int:
+    """``train``: pretrain, train, then evaluate the best checkpoint on the test split."""
+    out = Path(opts.output_dir)
+    start = state.resumed(out, opts.resume, overrides, cli.RESUMABLE)  # its settings, as resumed
+    s = Settings(**{**start["settings"], **overrides}) if start else resolve(opts.preset, overrides)
+    with ddp.setup(s.device) as ctx:  # leaves the process group at the end
+        splits = make_splits(s)
+        logger.info("data: %s", splits.description)
+        what = f"{s.cell} cell, DnCNN {s.depth}x{s.width}, {s.solver}, {s.backward}"
+        logger.info("model: DE-GRAD, %s; %d process(es) on %s", what, ctx.world, ctx.device)
+        if ctx.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
+            (out / "split.json").write_text(json.dumps(splits.files(), indent=2))
+        with state.stop_on_signals(state.StopFlag()) as stop:
+            progress = train(s, splits, out, ctx, opts, start=start, stop=stop)[1]
+    if progress.phase == "done" and ctx.main and not opts.no_evaluate:
+        cmd_evaluate(dataclasses.replace(opts, checkpoint=str(out / "best.pt")), {})
+    return 0
+
+
+def cmd_evaluate(opts: Options, overrides: dict[str, Any]) -> int:
+    """``evaluate``: a checkpoint on its test split; results.json, results.md and figures."""
+    path = Path(opts.checkpoint)
+    out = path.parent if opts.output_dir == Options.output_dir else Path(opts.output_dir)
+    saved, s, model = load_model(path, overrides)
+    splits, ctx = make_splits(s), ddp.Context(0, 1, next(model.parameters()).device)
+    fit_norms(model, (s.image_size,) * 2, training=False)
+    budgets, bars = (0, *s.budgets), not opts.no_progress
+    rows = evaluate(model, s, splits.test, ctx, budgets=budgets, keep=s.figure_samples, bars=bars)
+    bound = cell_of(model).lipschitz_bound() if s.cell == "contractive" else None
+    about = {"checkpoint": str(path), "data": splits.description, "lipschitz_bound": bound}
+    report.write(rows, out, saved, about | {"settings": dataclasses.asdict(s)})
+    if not opts.quiet:
+        print((out / "results.md").read_text() + f"\nresults and figures in {out.resolve()}")
+    return 0
+
+
+def cmd_restore(opts: Options, overrides: dict[str, Any]) -> int:
+    """``restore``: deblur an image file of any size (the cell is convolutional); with
+    ``--simulate`` measure it first, then score the measurement, Tikhonov-CG and DE-GRAD."""
+    data.check_restore(opts.input, opts.output)
+    _, s, model = load_model(opts.checkpoint, overrides)
+    image, ctx = data.load_image(opts.input), ddp.Context(0, 1, next(model.parameters()).device)
+    fit_norms(model, (image.shape[1], image.shape[2]), training=False)
+    one = data.Images(image[None])
+    rows = evaluate(model, s, one, ctx, tag="restore", keep=1, measured=not opts.simulate)
+    report.restored(rows, opts.input, opts.output, scored=opts.simulate)
+    return 0
+
+
+#: Each command: its function, its help, its options, the settings it may change (all: None).
+COMMANDS = {
+    "train": Command(cmd_train, "pretrain, train and evaluate (the default)", cli.TRAIN),
+    "evaluate": Command(cmd_evaluate, "evaluate a checkpoint", cli.EVALUATE, cli.EVALUATED),
+    "restore": Command(
+        cmd_restore, "deblur an image file", cli.RESTORE, ("eval_max_iter", "device")
+    ),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand (``train`` when none is given).
-
-    Args:
-        argv: Command-line arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        The exit code.
-    """
-    args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    from deblur import commands  # imported late so that --help is fast
-
-    try:
-        if args.command == "evaluate":
-            return commands.run_evaluate(args)
-        if args.command == "restore":
-            return commands.run_restore(args)
-        if args.command == "compare":
-            from deblur.compare import run_compare
-
-            run_compare(args)
-            return 0
-        return commands.run_train(args)
-    except ConfigError as err:
-        print(f"deblur_celeba.py {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    """Run a command (``train`` when none is named); returns 2 for an invalid setting."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return cli.main(argv, COMMANDS, Options, Settings, PRESETS, __doc__)
 
 
 if __name__ == "__main__":

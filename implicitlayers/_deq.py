@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import _tree
 from ._errors import ConvergenceError
-from ._fixed_point import _batch_error, _check_states, check_structure, fixed_point
+from ._fixed_point import _check_states, solve, split_aux
 from ._result import SolverResult, Status
 from .backward import AbstractBackward
 from .backward._names import as_backward
@@ -36,7 +36,8 @@ class DEQOutput(tuple[Any, SolverResult]):
         aux: With ``DEQ(f, has_aux=True)``: the auxiliary output of the application of ``f``
             at the fixed point (attached to the graph when autograd records), else ``None``.
         jacobian_penalty: With ``deq(x, jacobian_penalty=k)``: the ``(B,)`` Hutchinson
-            estimate of :math:`\|\partial f(z^\star) / \partial z\|_F^2` from ``k`` probes,
+            estimate of :math:`\|\partial f(z^\star) / \partial z\|_F^2` from ``k`` probes
+            (divided by the state size :math:`n` with ``normalize_penalty=True``),
             differentiable in the parameters and inputs (add its mean to the loss), else
             ``None``.
         spectral_radius: With ``deq(x, spectral_radius=True)``: the
@@ -184,6 +185,7 @@ class DEQ(nn.Module):
         z0: Any = None,
         solver: AbstractSolver | str | None = None,
         jacobian_penalty: int = 0,
+        normalize_penalty: bool = False,
         spectral_radius: bool = False,
         states: Sequence[int] = (),
     ) -> DEQOutput:
@@ -200,8 +202,19 @@ class DEQ(nn.Module):
                 ``max_iter``).
             jacobian_penalty: Number of Hutchinson probes for the Jacobian regulariser of
                 Bai et al. (2021), :math:`\|\partial f(z^\star)/\partial z\|_F^2` per sample,
-                returned as ``output.jacobian_penalty`` (``0``: not computed). Costs one more
+                returned as ``output.jacobian_penalty`` (``0``: not computed): the value of
+                :func:`~implicitlayers.diagnostics.jacobian_penalty` with the same
+                ``normalize``, computed inside this forward's
+                :func:`~implicitlayers.nn.one_map`, so on the map that was solved (a separate
+                call after the forward would re-evaluate ``f`` outside it). Costs one more
                 application of ``f`` and one VJP per probe (two under autograd).
+            normalize_penalty: Divide the penalty by :math:`n`, the flat size of one sample
+                of the state, as Bai et al. do and as the stability guide trains
+                (:math:`\|J\|_F^2 / n`, the mean squared entry of :math:`J`, comparable
+                across state sizes). The default, ``False``, keeps the unnormalised
+                :math:`\|J\|_F^2`, the default of
+                :func:`~implicitlayers.diagnostics.jacobian_penalty` too, so the two agree
+                argument for argument. Needs ``jacobian_penalty >= 1``.
             spectral_radius: Also estimate the spectral radius of that Jacobian per sample
                 (:func:`~implicitlayers.diagnostics.spectral_radius`, up to 50 VJPs without
                 graph), returned as ``output.spectral_radius``.
@@ -223,6 +236,13 @@ class DEQ(nn.Module):
             )
         if jacobian_penalty < 0:
             raise ValueError(f"jacobian_penalty must be >= 0 probes, got {jacobian_penalty}")
+        if not isinstance(normalize_penalty, bool):
+            raise TypeError(f"normalize_penalty must be a bool, got {normalize_penalty!r}")
+        if normalize_penalty and not jacobian_penalty:
+            raise ValueError(
+                "normalize_penalty=True normalises the Jacobian penalty, but jacobian_penalty=0 "
+                "computes none: pass jacobian_penalty=k (k >= 1 probes) as well"
+            )
         if not isinstance(spectral_radius, bool):
             raise TypeError(f"spectral_radius must be a bool, got {spectral_radius!r}")
         default_z0 = z0 is None
@@ -249,7 +269,11 @@ class DEQ(nn.Module):
                 clean_inputs = _without_nonfinite(inputs, _failed(result))
                 if jacobian_penalty:
                     penalty = _jacobian_penalty(
-                        self._main, point, *clean_inputs, n_probes=jacobian_penalty
+                        self._main,
+                        point,
+                        *clean_inputs,
+                        n_probes=jacobian_penalty,
+                        normalize=normalize_penalty,
                     )
                     penalty = torch.where(_failed(result), 0.0, penalty)
                 if spectral_radius:
@@ -261,14 +285,7 @@ class DEQ(nn.Module):
     def _main(self, z: Any, *inputs: Any) -> Any:
         """``f``'s state output (without the auxiliary output when ``has_aux``)."""
         out = self.f(z, *inputs)
-        if not self.has_aux:
-            return out
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise TypeError(
-                "DEQ(f, has_aux=True) needs f to return a pair (z_next, aux), got "
-                f"{type(out).__name__}; return (z_next, aux) or pass has_aux=False"
-            )
-        return out[0]
+        return split_aux(out)[0] if self.has_aux else out
 
     def _solve_and_attach(
         self,
@@ -280,16 +297,18 @@ class DEQ(nn.Module):
     ) -> tuple[Any, SolverResult, Any, tuple[Any, ...]]:
         """The fixed point (attached when autograd records), the solve's result, aux, and the
         requested intermediate states (attached too)."""
-        f_solve = self._main if self.has_aux else self.f
         try:
-            result = fixed_point(
-                f_solve,
+            # One flat map for the solve and the attach: it flattens the state, checks what f
+            # returns and, with has_aux, splits the auxiliary output off.
+            result, f_flat = solve(
+                self.f,
                 z0,
-                *inputs,
+                inputs,
                 solver=solver_,
                 independent_samples=self.independent_samples,
                 states=states,
                 host_reads=self.host_reads,
+                has_aux=self.has_aux,
             )
         except RuntimeError as err:
             if default_z0 and _looks_like_shape_error(err):
@@ -306,25 +325,14 @@ class DEQ(nn.Module):
                 with torch.no_grad():
                     aux = self.f(result.z, *inputs)[1]
             return result.z, result, aux, result.states
-        spec = _tree.spec_of(z0)
+        spec = f_flat.spec
         z_star = _tree.flatten(result.z)
         failed = _failed(result)
         # One host read per differentiable forward: are there samples to keep out of the graph?
         any_failed = bool(failed.any())
         attach_inputs = _without_nonfinite(inputs, failed) if any_failed else inputs
-        captured: list[Any] = []
-
-        def f_flat(z: Tensor) -> Tensor:
-            out = self.f(_tree.unflatten(z, spec), *attach_inputs)
-            if self.has_aux:
-                if not captured:  # the attach's application (later ones are the backward's)
-                    captured.append(out[1])
-                out = out[0]
-            check_structure(out, spec)
-            flat = _tree.flatten(out)
-            if flat.shape[0] != z.shape[0]:
-                _batch_error(flat.shape[0], z.shape[0])
-            return flat
+        # The same map on the attach's inputs; it keeps the aux of its first application.
+        f_attach = f_flat.for_attach(attach_inputs)
 
         self_ref = weakref.ref(self)
 
@@ -339,7 +347,7 @@ class DEQ(nn.Module):
 
         def attach(point: Tensor, on_result: Any) -> Tensor:
             z_in = _clean_rows(point, result) if any_failed else point
-            out = self.backward.attach(f_flat, z_in, on_result, leaves=leaves)
+            out = self.backward.attach(f_attach, z_in, on_result, leaves=leaves)
             if any_failed:
                 # Failed samples return their best iterate with no gradient; inside the attach
                 # their non-finite entries are zeros, so they cannot reach other gradients.
@@ -350,8 +358,7 @@ class DEQ(nn.Module):
         attached = tuple(
             _tree.unflatten(attach(_tree.flatten(state), None), spec) for state in result.states
         )
-        aux = captured[0] if captured else None
-        return _tree.unflatten(z_flat, spec), result, aux, attached
+        return _tree.unflatten(z_flat, spec), result, f_attach.aux, attached
 
     def _needs_grad(self, inputs: tuple[Any, ...]) -> bool:
         if any(isinstance(x, Tensor) and x.requires_grad for x in inputs):

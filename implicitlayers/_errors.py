@@ -14,7 +14,7 @@ class ConvergenceError(RuntimeError):
     """A fixed-point solve failed in a way its policy says must stop the program.
 
     Raised for non-finite iterates by default (``on_nonfinite="raise"``) and for samples that
-    did not converge when ``on_max_iter="raise"``.
+    did not converge when ``on_unconverged="raise"``.
 
     Attributes:
         result: The :class:`~implicitlayers.SolverResult` of the failed solve, so the caller

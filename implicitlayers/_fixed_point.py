@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,11 +14,12 @@ from . import _tree
 from ._autocast import AutocastSplit
 from ._errors import ConvergenceError, ConvergenceWarning
 from ._result import SolverResult, Status
+from ._warn import warn_at_caller
 from .solvers import AbstractSolver
 from .solvers._loop import run_loop
 from .solvers._names import as_solver
 
-__all__ = ["fixed_point"]
+__all__ = ["FlatMap", "fixed_point", "solve"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ def fixed_point(
 
         \|f(z) - z\| \le \mathrm{atol} + \mathrm{rtol}\, \|f(z)\|
 
-    (norms over all non-batch dimensions), after which its iterate is frozen.
+    (norms over all non-batch dimensions: Euclidean, or per feature with the solver's
+    ``norm="rms"``, see :class:`~implicitlayers.solvers.AbstractSolver`), after which its
+    iterate is frozen.
 
     Args:
         f: Callable ``f(z, *inputs)`` returning a state with the structure of ``z``.
@@ -90,6 +92,31 @@ def fixed_point(
         >>> bool(result.converged.all())
         True
     """
+    return solve(
+        f,
+        z0,
+        inputs,
+        solver=solver,
+        independent_samples=independent_samples,
+        states=states,
+        host_reads=host_reads,
+    )[0]
+
+
+def solve(
+    f: Callable[..., Any],
+    z0: Any,
+    inputs: tuple[Any, ...],
+    *,
+    solver: AbstractSolver | str,
+    independent_samples: bool,
+    states: Sequence[int],
+    host_reads: bool | None,
+    has_aux: bool = False,
+) -> tuple[SolverResult, FlatMap]:
+    """:func:`fixed_point`, also returning the :class:`FlatMap` it solved with, so that
+    :class:`~implicitlayers.DEQ` attaches the solution through the same map
+    (:meth:`FlatMap.for_attach`). With ``has_aux``, ``f`` returns ``(z_next, aux)``."""
     solver = as_solver(solver)
     if not callable(f):
         raise TypeError(f"f must be callable as f(z, *inputs), got {type(f).__name__}")
@@ -106,12 +133,12 @@ def fixed_point(
     _check_precision(solver, out_dtype)
     work_dtype = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
     amp = AutocastSplit(parts[0].device.type)
-    f_flat = _flat_map(f, spec, inputs, batch, out_dtype, amp)
+    f_flat = FlatMap(f, spec, inputs, batch=batch, dtype=out_dtype, amp=amp, has_aux=has_aux)
     with torch.no_grad(), amp.bookkeeping():
         flat0 = _tree.flatten(z0).to(work_dtype)
         if batch == 0:
             empty = torch.zeros(0, dtype=torch.long, device=flat0.device)
-            return SolverResult(
+            empty_result = SolverResult(
                 z=_tree.unflatten(flat0.to(out_dtype), spec),
                 status=empty,
                 converged=empty.bool(),
@@ -120,6 +147,7 @@ def fixed_point(
                 n_f_evals=0,
                 states=tuple(_tree.unflatten(flat0.to(out_dtype), spec) for _ in record_at),
             )
+            return empty_result, f_flat
         out = run_loop(
             f_flat,
             flat0,
@@ -140,7 +168,7 @@ def fixed_point(
         states=tuple(_tree.unflatten(state.to(out_dtype), spec) for state in out.states),
     )
     _apply_policies(result, solver)
-    return result
+    return result, f_flat
 
 
 def _check_states(states: Sequence[int]) -> tuple[int, ...]:
@@ -164,14 +192,13 @@ def _check_precision(solver: AbstractSolver, dtype: torch.dtype) -> None:
         return
     eps = torch.finfo(dtype).eps
     if solver.rtol < eps:
-        warnings.warn(
+        warn_at_caller(
             f"rtol={solver.rtol:g} is below the precision of {dtype} (eps {eps:.2g}): unless "
             "the fixed point happens to be exactly representable, the residual cannot reach "
             "it and samples run to max_iter. Pass rtol >= "
             f"{_round_up(eps)} for {dtype} states (e.g. {type(solver).__name__}"
             f"(rtol={_round_up(eps)})), or solve in a wider dtype.",
             ConvergenceWarning,
-            stacklevel=3,
         )
 
 
@@ -196,62 +223,97 @@ def _check_leaves(parts: list[Tensor]) -> None:
             )
 
 
-def _flat_map(
-    f: Callable[..., Any],
-    spec: _tree.TreeSpec,
-    inputs: tuple[Any, ...],
-    batch: int,
-    dtype: torch.dtype,
-    amp: AutocastSplit,
-) -> Callable[[Tensor, Tensor | None], Tensor]:
-    """Wrap ``f`` to map flat ``(b, n)`` iterates to flat outputs, checking the structure."""
-    if spec.kind == "tensor" and not amp.enabled:
-        return _flat_tensor_map(f, spec, inputs, batch, dtype)
+class FlatMap:
+    """``f`` on flat ``(b, n)`` iterates: the one wrapper the solve and the attach call.
 
-    def f_flat(z: Tensor, idx: Tensor | None) -> Tensor:
-        args = inputs if idx is None else tuple(_select(x, idx, batch) for x in inputs)
-        if amp.enabled:
-            with amp.user():
-                out = f(_tree.unflatten(z.to(dtype), spec), *args)
-        else:  # the common case, without a context manager's cost on every call
-            out = f(_tree.unflatten(z.to(dtype), spec), *args)
-        check_structure(out, spec)
-        flat_out = _tree.flatten(out)
-        if flat_out.shape[0] != z.shape[0]:
-            _batch_error(flat_out.shape[0], z.shape[0])
-        return flat_out
+    Rebuilds ``z0``'s structure from a flat iterate (in ``z0``'s dtype; a single-tensor state
+    costs no operation when it is already flat, one reshape otherwise), calls
+    ``f(z, *inputs)``, drops the auxiliary output when ``has_aux``, checks the structure and
+    the batch of what ``f`` returned and flattens it. ``f`` is called once per iteration, so
+    the wrapper adds no tensor operation it can avoid.
 
-    return f_flat
-
-
-def _flat_tensor_map(
-    f: Callable[..., Any],
-    spec: _tree.TreeSpec,
-    inputs: tuple[Any, ...],
-    batch: int,
-    dtype: torch.dtype,
-) -> Callable[[Tensor, Tensor | None], Tensor]:
-    """:func:`_flat_map` for a single-tensor state without autocast, the common case.
-
-    ``f`` is called once per iteration, so the wrapper adds no tensor operation it can avoid:
-    no reshape of a state that is already flat, no cast to the dtype it has.
+    The solve calls it as ``f_flat(z, idx)``, ``idx`` selecting the samples the rows of ``z``
+    belong to (``None``: all, in order), with ``f`` under the caller's autocast and the
+    bookkeeping outside it (``amp``). The backward rule attaches the solution through
+    :meth:`for_attach`'s map, called as ``f_flat(z)``.
     """
-    shape = spec.shape
-    flat = len(shape) == 1
 
-    def f_flat(z: Tensor, idx: Tensor | None) -> Tensor:
-        args = inputs if idx is None else tuple(_select(x, idx, batch) for x in inputs)
-        if z.dtype != dtype:
-            z = z.to(dtype)
-        out = f(z if flat else z.reshape(z.shape[0], *shape), *args)
-        if not isinstance(out, Tensor) or out.shape[1:] != shape:
-            check_structure(out, spec)  # raises, naming both structures
-        if out.shape[0] != z.shape[0]:
-            _batch_error(out.shape[0], z.shape[0])
-        flat_out: Tensor = out if out.dim() == 2 else out.reshape(out.shape[0], -1)
-        return flat_out
+    def __init__(
+        self,
+        f: Callable[..., Any],
+        spec: _tree.TreeSpec,
+        inputs: tuple[Any, ...],
+        *,
+        batch: int,
+        dtype: torch.dtype,
+        amp: AutocastSplit | None = None,
+        has_aux: bool = False,
+    ) -> None:
+        self.f = f
+        self.spec = spec
+        self.inputs = inputs
+        self.batch = batch
+        self.dtype = dtype
+        self.amp = amp if amp is not None and amp.enabled else None
+        self.has_aux = has_aux
+        #: With :meth:`for_attach`: the auxiliary output of the map's first call (the
+        #: attach's application of ``f``; later calls are the backward rule's), else ``None``.
+        self.aux: Any = None
+        self._keeps_aux = False
+        # Of a single-tensor state: its per-sample shape, and whether it is flat already.
+        self._shape = spec.shape if spec.kind == "tensor" else None
+        self._is_flat = self._shape is not None and len(self._shape) == 1
 
-    return f_flat
+    def for_attach(self, inputs: tuple[Any, ...]) -> FlatMap:
+        """The same map on ``inputs`` for the differentiable application that attaches the
+        solution: ``f`` runs under whatever autocast the caller has (no split: there is no
+        bookkeeping), and with ``has_aux`` the map keeps the auxiliary output of its first
+        call in :attr:`aux`."""
+        attach = FlatMap(
+            self.f, self.spec, inputs, batch=self.batch, dtype=self.dtype, has_aux=self.has_aux
+        )
+        attach._keeps_aux = self.has_aux
+        return attach
+
+    def __call__(self, z: Tensor, idx: Tensor | None = None) -> Tensor:
+        inputs = self.inputs
+        args = inputs if idx is None else tuple(_select(x, idx, self.batch) for x in inputs)
+        if z.dtype != self.dtype:
+            z = z.to(self.dtype)
+        shape = self._shape
+        if shape is None:
+            state = _tree.unflatten(z, self.spec)
+        else:
+            state = z if self._is_flat else z.reshape(z.shape[0], *shape)
+        if self.amp is None:  # the common case, without a context manager's cost on every call
+            out = self.f(state, *args)
+        else:
+            with self.amp.user():
+                out = self.f(state, *args)
+        if self.has_aux:
+            out, aux = split_aux(out)
+            if self._keeps_aux:
+                self.aux, self._keeps_aux = aux, False
+        if shape is None:
+            check_structure(out, self.spec)
+            flat: Tensor = _tree.flatten(out)
+        else:
+            if not isinstance(out, Tensor) or out.shape[1:] != shape:
+                check_structure(out, self.spec)  # raises, naming both structures
+            flat = out if out.dim() == 2 else out.reshape(out.shape[0], -1)
+        if flat.shape[0] != z.shape[0]:
+            _batch_error(flat.shape[0], z.shape[0])
+        return flat
+
+
+def split_aux(out: Any) -> tuple[Any, Any]:
+    """``(z_next, aux)`` from the output of an ``f`` built for ``DEQ(f, has_aux=True)``."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise TypeError(
+            "DEQ(f, has_aux=True) needs f to return a pair (z_next, aux), got "
+            f"{type(out).__name__}; return (z_next, aux) or pass has_aux=False"
+        )
+    return out[0], out[1]
 
 
 def _batch_error(got: int, expected: int) -> None:
@@ -294,13 +356,13 @@ def _apply_policies(result: SolverResult, solver: AbstractSolver) -> None:
         logger.debug("fixed_point: %s", result.summary())
     nonfinite = status == int(Status.NONFINITE)
     failed = (status != int(Status.SUCCESS)) & ~nonfinite
-    for mask, policy in ((nonfinite, solver.on_nonfinite), (failed, solver.on_max_iter)):
+    for mask, policy in ((nonfinite, solver.on_nonfinite), (failed, solver.on_unconverged)):
         if policy == "ignore" or not bool(mask.any()):
             continue
         message = _describe_failure(result, mask, type(solver).__name__)
         if policy == "raise":
             raise ConvergenceError(message, result)
-        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+        warn_at_caller(message, ConvergenceWarning)
 
 
 def _describe_failure(result: SolverResult, mask: Tensor, solver_name: str) -> str:

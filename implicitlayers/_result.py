@@ -27,8 +27,14 @@ class Status(enum.IntEnum):
 
     @property
     def message(self) -> str:
-        """What happened, and what to try."""
+        """What happened in a fixed-point solve, and what to try."""
         return _MESSAGES[self]
+
+    @property
+    def linear_message(self) -> str:
+        """What happened in a linear solve :math:`A z = b` (GMRES, e.g. the adjoint solve of
+        :class:`~implicitlayers.ImplicitDifferentiation`), and what to try."""
+        return _LINEAR_MESSAGES[self]
 
 
 _MESSAGES = {
@@ -40,17 +46,43 @@ _MESSAGES = {
     ),
     Status.NONFINITE: (
         "f returned NaN or Inf. Check the inputs for NaN/Inf; if they are finite, the iteration "
-        "blew up: make f contractive or damp the solver (Picard(damping=...), "
-        "Anderson(mixing=...))."
+        "blew up: make f contractive or lower the solver's mixing (Picard(mixing=0.5), "
+        "Anderson(mixing=0.5))."
     ),
     Status.DIVERGED: (
         "The residual grew past divergence_ratio times its initial value: f is probably not "
-        "contractive here. Use a smaller step size, spectral normalisation, or damping."
+        "contractive here. Use a smaller step size, spectral normalisation, or a mixing below 1 "
+        "(Picard(mixing=0.5))."
     ),
     Status.BREAKDOWN: (
         "The solver's internal system broke down (Anderson's least-squares system or Broyden's "
         "update was singular) and the history was restarted without reaching the tolerance. "
         "Raise Anderson's regularization, lower history_size, or use Broyden or Picard."
+    ),
+}
+
+
+_LINEAR_MESSAGES = {
+    Status.SUCCESS: "Converged: ||b - A z|| <= atol + rtol * ||b||.",
+    Status.MAX_ITER: (
+        "Reached max_iter matrix-vector products before ||b - A z|| <= atol + rtol * ||b||. "
+        "Raise max_iter, raise restart (restarted GMRES can stagnate; a larger Krylov space "
+        "per cycle helps), or loosen atol/rtol. For the adjoint system (I - J^T) u = g, an "
+        "eigenvalue of J near 1 makes it ill-conditioned: regularise f towards a contraction."
+    ),
+    Status.NONFINITE: (
+        "The right-hand side, the initial guess or a matrix-vector product was NaN or Inf. For "
+        "the adjoint solve: check the incoming gradient and f's vector-Jacobian products at "
+        "the fixed point."
+    ),
+    Status.DIVERGED: (
+        "The residual ||b - A z|| grew, which a minimal-residual method does not do on a fixed "
+        "linear operator: check that the matrix-vector product is linear and deterministic."
+    ),
+    Status.BREAKDOWN: (
+        "The Krylov process broke down before the tolerance: A is singular (or numerically "
+        "so) on the Krylov space. For the adjoint system (I - J^T) u = g, J has an eigenvalue "
+        "at or near 1: regularise f towards a contraction."
     ),
 }
 
@@ -78,22 +110,29 @@ class SolverResult:
         converged: ``(B,)`` bool tensor, ``status == Status.SUCCESS``.
         n_steps: ``(B,)`` int64 tensor: iterations each sample ran (evaluations of ``f`` it
             received while running, the one that stopped it included).
-        residual: ``(B,)`` tensor: :math:`\|f(z) - z\|` at the returned ``z``, the norm taken
-            over all non-batch dimensions of the flattened state.
+        residual: ``(B,)`` tensor: :math:`\|f(z) - z\|` at the returned ``z``, in the
+            solver's ``norm`` over all non-batch dimensions of the flattened state: the
+            Euclidean norm (``"l2"``) or that norm divided by :math:`\sqrt{n}` for :math:`n`
+            features per sample (``"rms"``).
         n_f_evals: Number of calls of ``f`` (each on the whole batch, or on the samples still
             running when ``independent_samples=True``), including the one evaluation at the
             returned batch that the default path adds when some samples return an earlier
             iterate.
         trace: ``(K, B)`` tensor of residuals at every iteration when the solver was built with
-            ``trace=True`` (samples that had stopped repeat their last value), else ``None``.
+            ``trace=True`` (samples that had stopped repeat their last value), in the norm of
+            :attr:`residual`, else ``None``.
         rate: ``(B,)`` tensor: the secant estimate
             :math:`\|f(z_k) - f(z_{k-1})\| / \|z_k - z_{k-1}\|` of the contraction rate
             over each sample's last step (a lower estimate of the Lipschitz constant of ``f``
-            along that step); NaN where no step was taken, ``None`` when no estimate was
-            made (an empty batch, a linear solve).
+            along that step; a ratio, so the same in either norm); NaN where no step was
+            taken, ``None`` when no estimate was made (an empty batch, a linear solve).
         states: The iterates requested with ``fixed_point(..., states=(k1, k2, ...))``, each
             with the structure of ``z0`` (a sample that stopped before :math:`k` gives its
             returned iterate); empty when none were requested.
+        linear: ``True`` for the result of a linear solve :math:`A z = b`
+            (:class:`~implicitlayers.GMRES`): then :attr:`residual` is
+            :math:`\|b - A z\|` and :meth:`summary` words each status for a linear system
+            (:attr:`Status.linear_message`).
     """
 
     z: Any
@@ -105,11 +144,13 @@ class SolverResult:
     trace: Tensor | None = None
     rate: Tensor | None = None
     states: tuple[Any, ...] = ()
+    linear: bool = False
 
     @property
     def error_estimate(self) -> Tensor | None:
         r"""``(B,)`` a-posteriori estimate of :math:`\|z - z^\star\|`: ``residual / (1 - rate)``.
 
+        In the norm of :attr:`residual` (so the RMS error for a solver with ``norm="rms"``).
         Zero where the residual is zero, ``inf`` where the rate estimate is at least 1 (no
         contraction seen), NaN where no rate was estimated; ``None`` without :attr:`rate`.
         An estimate, not a bound: :attr:`rate` can underestimate the contraction rate when the
@@ -147,7 +188,8 @@ class SolverResult:
             return "empty batch"
         counts = torch.bincount(self.status.cpu(), minlength=len(Status)).tolist()
         lines = [
-            f"{n}/{self.batch_size} {Status(code).name}: {Status(code).message}"
+            f"{n}/{self.batch_size} {Status(code).name}: "
+            + (Status(code).linear_message if self.linear else Status(code).message)
             for code, n in enumerate(counts)
             if n
         ]

@@ -59,6 +59,33 @@ def test_has_aux_with_a_plain_state_output_is_named():
         deq(torch.randn(2, 3, dtype=torch.float64), z0=torch.zeros(2, 5, dtype=torch.float64))
 
 
+def test_the_solve_and_the_attach_call_f_through_one_map():
+    # A tuple state with an aux output: every call of f, the solve's (no graph) and the
+    # attach's (one, with a graph), gets z0's structure, and the aux is the attach's.
+    calls = []
+
+    def f(z, x):
+        a, b = z
+        calls.append((type(z), tuple(a.shape), tuple(b.shape), torch.is_grad_enabled()))
+        new_a = torch.tanh(0.5 * b.flatten(1)[:, :3] + x)
+        return (new_a, (0.25 * a).repeat(1, 2).reshape(-1, 2, 3)), new_a.sum(dim=1)
+
+    deq = il.DEQ(f, solver=TIGHT, has_aux=True)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    z0 = (torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 2, 3, dtype=torch.float64))
+    out = deq(x, z0=z0)
+    n = out.result.n_f_evals
+    assert out.result.converged.all() and len(calls) == n + 1
+    assert {c[:3] for c in calls} == {(tuple, (2, 3), (2, 2, 3))}
+    assert [c[3] for c in calls] == [False] * n + [True]
+    b = out.z[1].detach()
+    pre = 0.5 * b.flatten(1)[:, :3] + x.detach()
+    torch.testing.assert_close(out.aux, torch.tanh(pre).sum(dim=1), rtol=1e-15, atol=0)
+    # The aux's graph is that of the attach's application, z* held (JFB): d/dx = sech^2.
+    out.aux.sum().backward()
+    torch.testing.assert_close(x.grad, 1 - torch.tanh(pre) ** 2, rtol=1e-15, atol=0)
+
+
 def test_jacobian_penalty_from_a_deq_call_is_the_frobenius_norm_in_expectation():
     torch.manual_seed(0)
     cell = TanhCell(n=5, d=3)

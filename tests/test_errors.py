@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
 import pickle
 import re
 import sys
@@ -48,9 +51,9 @@ def test_small_budget_is_max_iter_and_policies_apply():
     result = il.fixed_point(f, z0, x, solver=il.Picard(max_iter=2))
     assert (result.status == il.Status.MAX_ITER).all() and (result.n_steps == 2).all()
     with pytest.warns(il.ConvergenceWarning, match="MAX_ITER"):
-        il.fixed_point(f, z0, x, solver=il.Picard(max_iter=2, on_max_iter="warn"))
+        il.fixed_point(f, z0, x, solver=il.Picard(max_iter=2, on_unconverged="warn"))
     with pytest.raises(il.ConvergenceError) as info:
-        il.fixed_point(f, z0, x, solver=il.Picard(max_iter=2, on_max_iter="raise"))
+        il.fixed_point(f, z0, x, solver=il.Picard(max_iter=2, on_unconverged="raise"))
     assert info.value.result.n_f_evals == 2
 
 
@@ -82,9 +85,13 @@ def test_broyden_breakdown_restarts_and_still_converges():
         (lambda: il.Anderson(history_size=0), ValueError, "history_size"),
         (lambda: il.Anderson(mixing=0.0), ValueError, "mixing"),
         (lambda: il.Anderson(regularization=-1e-3), ValueError, "regularization"),
-        (lambda: il.Picard(damping=1.0), ValueError, "damping"),
-        (lambda: il.Broyden(memory=0), ValueError, "memory"),
-        (lambda: il.Picard(on_max_iter="loud"), ValueError, "'ignore', 'warn', 'raise'"),
+        (lambda: il.Picard(mixing=0.0), ValueError, "mixing"),
+        (lambda: il.Picard(norm="L2"), ValueError, "norm must be one of 'l2', 'rms', got 'L2'"),
+        (lambda: il.Picard(damping=0.25), TypeError, r"pass mixing=0.75 \(mixing = 1 - damping"),
+        (lambda: il.Picard(damping="x"), TypeError, "pass mixing = 1 - damping"),
+        (lambda: il.Broyden(on_max_iter="warn"), TypeError, "pass on_unconverged='warn'"),
+        (lambda: il.Broyden(history_size=0), ValueError, "history_size"),
+        (lambda: il.Picard(on_unconverged="loud"), ValueError, "'ignore', 'warn', 'raise'"),
         (lambda: il.Picard(divergence_ratio=1.0), ValueError, "divergence_ratio"),
         (lambda: il.Picard(check_every=0), ValueError, "check_every"),
         (lambda: il.Neumann(terms=-1), ValueError, "terms must be >= 0, got -1"),
@@ -178,8 +185,8 @@ def test_hyperparameter_objects_compare_print_and_pickle():
     assert repr(a) == "Anderson(max_iter=20, history_size=3)"
     for obj in (
         a,
-        il.Picard(damping=0.5),
-        il.Broyden(memory=3),
+        il.Picard(mixing=0.5, norm="rms"),
+        il.Broyden(history_size=3),
         il.JFB(),
         il.Neumann(terms=2),
         il.ImplicitDifferentiation(solver=il.Broyden(rtol=1e-6)),
@@ -187,3 +194,93 @@ def test_hyperparameter_objects_compare_print_and_pickle():
         assert pickle.loads(pickle.dumps(obj)) == obj
     with pytest.raises(AttributeError):
         a.max_iter = 3  # type: ignore[misc]
+    assert copy.deepcopy(a) == a and dataclasses.replace(a, mixing=0.5) == il.Anderson(
+        max_iter=20, history_size=3, mixing=0.5
+    )
+
+
+# --- Names renamed before 1.0 say what to pass now ------------------------------------------
+
+
+def test_renamed_keywords_say_what_to_pass_and_leave_the_dataclass_alone():
+    with pytest.raises(TypeError, match=r"^Picard's 'damping' was renamed: pass mixing=0\.9 "):
+        il.Picard(damping=0.1)
+    # A solver the default one converts exactly: damping 0.25 is mixing 0.75.
+    with pytest.raises(TypeError, match=r"pass mixing=0\.75"):
+        il.Picard(max_iter=3, damping=0.25)
+    for cls in (il.Picard, il.Anderson, il.Broyden):
+        with pytest.raises(TypeError, match=rf"^{cls.__name__}'s 'on_max_iter' was renamed"):
+            cls(on_max_iter="raise")
+    # Anderson never had a damping, but its weight is the same mixing.
+    with pytest.raises(TypeError) as caught:
+        il.Anderson(damping=0.25)
+    assert str(caught.value) == (
+        "Anderson's 'damping' is not a keyword (Anderson's weight is mixing, the weight of "
+        "f(z)): pass mixing=0.75 (mixing = 1 - damping: mixing is the weight of f(z), "
+        "z_next = (1 - mixing) z + mixing f(z), as in Picard and PhantomGradient)"
+    )
+    # The signature, fields and repr are the dataclass's own.
+    params = inspect.signature(il.Picard).parameters
+    assert "mixing" in params and "on_unconverged" in params and "damping" not in params
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert [f.name for f in dataclasses.fields(il.Picard)][-1] == "mixing"
+    assert repr(il.Picard(mixing=0.5, on_unconverged="warn")) == (
+        "Picard(on_unconverged='warn', mixing=0.5)"
+    )
+
+
+def test_a_plug_in_solver_may_have_a_field_with_a_renamed_name():
+    @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+    class Damped(il.AbstractSolver):
+        damping: float = 0.5
+        on_max_iter: int = 3
+
+        def init(self, z):
+            return {}
+
+        def step(self, state, z, fz, iteration):
+            return torch.lerp(fz, z, self.damping), state, None
+
+    solver = Damped(damping=0.75, on_max_iter=4, max_iter=200)
+    assert (solver.damping, solver.on_max_iter) == (0.75, 4)
+    r = il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(1, 1), solver=solver)
+    assert r.converged.all()
+
+
+def test_a_solver_written_for_the_former_step_and_step_at_is_refused_when_defined():
+    with pytest.raises(TypeError, match=r"Old defines step_at\(iteration, state, z, fz\); step_at"):
+
+        class Old(il.AbstractSolver):
+            def init(self, z):
+                return {}
+
+            def step_at(self, iteration, state, z, fz):
+                return fz, state, None
+
+    with pytest.raises(
+        TypeError,
+        match=r"Older\.step takes 3 arguments after self; .* step\(self, state, z, fz, iteration\)",
+    ):
+
+        class Older(il.AbstractSolver):
+            def init(self, z):
+                return {}
+
+            def step(self, state, z, fz):
+                return fz, state, None
+
+    class Flexible(il.AbstractSolver):  # *args takes the iteration too
+        def init(self, z):
+            return {}
+
+        def step(self, state, z, fz, *rest):
+            return fz, state, None
+
+    r = il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(1, 1), solver=Flexible(rtol=1e-8))
+    # Residuals 2^-k: 2^-20 <= atol + rtol |f(z)| = 1e-6 + 2e-8 first, after 21 evaluations.
+    assert r.converged.all() and r.n_steps.tolist() == [21]
+
+
+def test_broydens_old_memory_keyword_says_what_to_pass():
+    with pytest.raises(TypeError, match=r"Broyden's 'memory' was renamed: pass history_size=4 "):
+        il.Broyden(memory=4)

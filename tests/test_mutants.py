@@ -1,14 +1,15 @@
 """Exact values that pin the core down where the rest of the suite left mutants alive.
 
 Each test here kills mutants that `make mutation` (mutmut, see mutation/README.md) found
-surviving the solver, backward and error tests: a wrong stopping bound, a damping or mixing
+surviving the solver, backward and error tests: a wrong stopping bound, a mixing
 weight on the wrong term, Broyden's restart off by one, ... The assertions are closed-form
 iterates, step counts and statuses, so a mutant cannot pass them by being "close enough".
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import inspect
+import os
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from implicitlayers import Status
 
 F64 = torch.float64
 #: Tolerances no iterate of these tests reaches (both 0 is refused), so the steps are counted.
-NEVER = {"atol": 0.0, "rtol": 1e-300, "on_max_iter": "ignore"}
+NEVER = {"atol": 0.0, "rtol": 1e-300, "on_unconverged": "ignore"}
 
 
 def recording(f):
@@ -76,14 +77,14 @@ def test_atol_and_rtol_add_up():
 # --- Picard and Anderson weights -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("damping", [0.25, 0.3])
-def test_picard_damping_weighs_the_previous_iterate(damping):
-    # z_{k+1} = beta z_k + (1 - beta) f(z_k): from 0, z1 = 1 - beta, z2 = z1 + (1 - beta)(1 - z1/2).
+@pytest.mark.parametrize("mixing", [0.75, 0.7])
+def test_picard_mixing_weighs_f(mixing):
+    # z_{k+1} = (1 - beta) z_k + beta f(z_k): from 0, z1 = beta, z2 = (1 - beta) z1 + beta f(z1).
     f, calls = recording(half_plus_one)
-    solver = il.Picard(damping=damping, max_iter=3, **NEVER)
+    solver = il.Picard(mixing=mixing, max_iter=3, **NEVER)
     r = il.fixed_point(f, torch.zeros(1, 1, dtype=F64), solver=solver)
-    z1 = 1 - damping
-    z2 = damping * z1 + (1 - damping) * (0.5 * z1 + 1)
+    z1 = mixing
+    z2 = (1 - mixing) * z1 + mixing * (0.5 * z1 + 1)
     torch.testing.assert_close(
         torch.cat(calls).flatten(), torch.tensor([0.0, z1, z2], dtype=F64), rtol=1e-15, atol=0
     )
@@ -238,7 +239,7 @@ def test_broyden_iterates_match_a_dense_reference_that_restarts_when_full(memory
     steps = 9  # memory 1, 2, 3 restart several times; 20 never fills
     fr, calls = recording(f)
     z0 = torch.randn(2, 4, generator=g, dtype=F64)
-    il.fixed_point(fr, z0, solver=il.Broyden(memory=memory, max_iter=steps + 1, **NEVER))
+    il.fixed_point(fr, z0, solver=il.Broyden(history_size=memory, max_iter=steps + 1, **NEVER))
     got = torch.stack(calls)
     assert got.shape == (steps + 1, 2, 4)
     for i in range(2):
@@ -345,7 +346,7 @@ class WidePicard(il.solvers.AbstractSolver):
     def init(self, z):
         return {}
 
-    def step(self, state, z, fz):
+    def step(self, state, z, fz, iteration):
         type(self).seen.append(z.dtype)
         return fz.double(), state, torch.zeros(z.shape[0], dtype=torch.bool)
 
@@ -428,7 +429,7 @@ def policy_message(status_codes):
         out = torch.where(codes == Status.NONFINITE, float("nan"), out)
         return torch.where(codes == Status.SUCCESS, 0.0, out)  # z0 = 0 is its fixed point
 
-    solver = il.Picard(max_iter=3, on_max_iter="raise", on_nonfinite="ignore")
+    solver = il.Picard(max_iter=3, on_unconverged="raise", on_nonfinite="ignore")
     with pytest.raises(il.ConvergenceError) as caught:
         il.fixed_point(f, torch.zeros(len(status_codes), 1), codes, solver=solver)
     return str(caught.value)
@@ -444,7 +445,7 @@ def test_the_failure_message_lists_at_most_ten_samples_and_every_reason():
     assert policy_message([Status.MAX_ITER] * 11) == (
         f"Picard stopped 11/11 samples without converging (samples {ten}, ...). {max_iter}"
     )
-    # Non-finite samples follow on_nonfinite (ignored here), the others on_max_iter.
+    # Non-finite samples follow on_nonfinite (ignored here), the others on_unconverged.
     codes = [Status.DIVERGED, Status.SUCCESS, Status.NONFINITE, Status.MAX_ITER]
     assert policy_message(codes) == (
         f"Picard stopped 2/4 samples without converging (samples 0, 3). {max_iter} {diverged}"
@@ -633,7 +634,7 @@ def test_the_adjoint_solver_own_policies_are_replaced_by_on_unconverged():
     x = torch.randn(2, 3, dtype=F64)
     z0 = torch.zeros(2, 4, dtype=F64)
     # max_iter: a Picard adjoint that would raise on its own runs out quietly.
-    picky = il.Picard(max_iter=2, on_max_iter="raise")
+    picky = il.Picard(max_iter=2, on_unconverged="raise")
     rule = il.ImplicitDifferentiation(solver=picky, on_unconverged="ignore")
     z, _ = il.DEQ(AffineModule(problem), solver=TIGHT, backward=rule)(x, z0=z0)
     z.sum().backward()
@@ -663,11 +664,34 @@ def test_an_unconverged_adjoint_warns_with_the_documented_message():
         z.sum().backward()
     assert str(caught[0].message) == (
         f"{rule!r}: the adjoint solve did not converge for some samples, so their gradients "
-        "are inexact (DEQ.last_backward_result holds the statuses; "
-        "implicitlayers.diagnostics.spectral_radius tells whether rho(J) >= 1). Give the "
-        "adjoint solver a larger max_iter, use GMRES, or regularise f towards a contraction. "
-        "This warning is shown once per rule."
+        "are inexact (DEQ.last_backward_result holds the statuses): its residual "
+        "||J^T u + g - u|| stayed above the tolerance. "
+        "implicitlayers.diagnostics.spectral_radius tells whether rho(J) >= 1, where a "
+        "fixed-point solver cannot converge. Give the adjoint solver a larger max_iter, use "
+        "GMRES (solver='gmres': it needs only I - J^T invertible), or regularise f towards a "
+        "contraction. This warning is shown once per rule."
     )
+
+
+def test_an_unconverged_gmres_adjoint_gives_advice_for_gmres():
+    rule = il.ImplicitDifferentiation(solver=il.GMRES(max_iter=3, restart=2))
+    problem = Affine.make(n=4, d=3, contraction=0.7)
+
+    z, _ = il.DEQ(AffineModule(problem), solver=TIGHT, backward=rule)(
+        torch.randn(2, 3, dtype=F64), z0=torch.zeros(2, 4, dtype=F64)
+    )
+    with pytest.warns(il.ConvergenceWarning) as caught:
+        z.sum().backward()
+    assert str(caught[0].message) == (
+        f"{rule!r}: the adjoint solve did not converge for some samples, so their gradients "
+        "are inexact (DEQ.last_backward_result holds the statuses): its residual "
+        "||g - (I - J^T) u|| stayed above atol + rtol * ||g||. Raise the adjoint solver's "
+        "max_iter, or its restart if it has one (restarted GMRES can stagnate; a larger "
+        "Krylov space per cycle helps), or loosen its rtol; an eigenvalue of J near 1 makes "
+        "the system ill-conditioned (implicitlayers.diagnostics.spectral_radius estimates "
+        "rho(J)): regularise f towards a contraction. This warning is shown once per rule."
+    )
+    assert "use GMRES" not in str(caught[0].message)
 
 
 # --- second order --------------------------------------------------------------------------
@@ -834,9 +858,9 @@ def test_half_precision_states_keep_float32_bookkeeping(dtype):
             "least one positive (e.g. rtol=1e-4)",
         ),
         (
-            lambda: il.Picard(on_max_iter="loud"),
+            lambda: il.Picard(on_unconverged="loud"),
             ValueError,
-            "on_max_iter must be one of 'ignore', 'warn', 'raise', got 'loud'",
+            "on_unconverged must be one of 'ignore', 'warn', 'raise', got 'loud'",
         ),
         (
             lambda: il.Picard(on_nonfinite="loud"),
@@ -850,8 +874,22 @@ def test_half_precision_states_keep_float32_bookkeeping(dtype):
         ),
         (lambda: il.Picard(check_every=0), ValueError, "check_every must be >= 1, got 0"),
         (lambda: il.Picard(trace=1), TypeError, "trace must be a bool, got 1"),
-        (lambda: il.Picard(damping=-0.1), ValueError, "damping must lie in [0.0, 1.0), got -0.1"),
-        (lambda: il.Picard(damping=1.0), ValueError, "damping must lie in [0.0, 1.0), got 1.0"),
+        (lambda: il.Picard(mixing=0.0), ValueError, "mixing must lie in (0.0, 1.0], got 0.0"),
+        (lambda: il.Picard(mixing=1.01), ValueError, "mixing must lie in (0.0, 1.0], got 1.01"),
+        (
+            lambda: il.Picard(damping=0.3),
+            TypeError,
+            "Picard's 'damping' was renamed: pass mixing=0.7 (mixing = 1 - damping: mixing is "
+            "the weight of f(z), z_next = (1 - mixing) z + mixing f(z), as in Anderson and "
+            "PhantomGradient)",
+        ),
+        (
+            lambda: il.Anderson(on_max_iter="raise"),
+            TypeError,
+            "Anderson's 'on_max_iter' was renamed: pass on_unconverged='raise' (the same "
+            "values; the policy also covers DIVERGED and BREAKDOWN samples, and "
+            "ImplicitDifferentiation names its own policy the same)",
+        ),
         (lambda: il.Anderson(history_size=0), ValueError, "history_size must be >= 1, got 0"),
         (lambda: il.Anderson(mixing=0.0), ValueError, "mixing must lie in (0.0, 1.0], got 0.0"),
         (lambda: il.Anderson(mixing=1.5), ValueError, "mixing must lie in (0.0, 1.0], got 1.5"),
@@ -860,7 +898,7 @@ def test_half_precision_states_keep_float32_bookkeeping(dtype):
             ValueError,
             "regularization must lie in [0.0, inf], got -0.001",
         ),
-        (lambda: il.Broyden(memory=0), ValueError, "memory must be >= 1, got 0"),
+        (lambda: il.Broyden(history_size=0), ValueError, "history_size must be >= 1, got 0"),
         (
             lambda: il.ImplicitDifferentiation(fallback_to_jfb=1),
             TypeError,
@@ -881,11 +919,11 @@ def test_configuration_errors_are_worded_exactly(make, error, message):
 
 def test_the_bounds_themselves_are_accepted():
     # The closed ends of each interval, and values a wrong bound would refuse.
-    il.Picard(max_iter=1, atol=0.0, rtol=1e-9, damping=0.0, check_every=1, divergence_ratio=1.5)
-    il.Picard(atol=1e-9, rtol=0.0, divergence_ratio=None, damping=0.99)
+    il.Picard(max_iter=1, atol=0.0, rtol=1e-9, mixing=1.0, check_every=1, divergence_ratio=1.5)
+    il.Picard(atol=1e-9, rtol=0.0, divergence_ratio=None, mixing=0.01)
     il.Anderson(history_size=1, mixing=1.0, regularization=0.0)
     il.Anderson(mixing=1e-9)
-    il.Broyden(memory=1)
+    il.Broyden(history_size=1)
 
 
 def test_the_default_adjoint_solver_is_gmres_as_documented():
@@ -948,15 +986,17 @@ def test_unknown_names_are_reported_with_the_argument_and_the_valid_names():
     with pytest.raises(ValueError) as caught:
         il.DEQ(half_plus_one, backward="exact")
     assert str(caught.value).startswith("unknown backward 'exact'; valid names are 'jfb', ")
-    for make in (
-        lambda: il.DEQ(half_plus_one, solver="newton"),
-        lambda: il.ImplicitDifferentiation(solver="newton"),
-    ):
-        with pytest.raises(ValueError) as caught:
-            make()
-        assert str(caught.value) == (
-            "unknown solver 'newton'; valid names are 'picard', 'anderson', 'broyden'"
-        )
+    with pytest.raises(ValueError) as caught:
+        il.DEQ(half_plus_one, solver="newton")
+    assert str(caught.value) == (
+        "unknown solver 'newton'; valid names are 'picard', 'anderson', 'broyden'"
+    )
+    # The adjoint solver's names include its default, GMRES.
+    with pytest.raises(ValueError) as caught:
+        il.ImplicitDifferentiation(solver="newton")
+    assert str(caught.value) == (
+        "unknown solver 'newton'; valid names are 'gmres', 'picard', 'anderson', 'broyden'"
+    )
 
 
 def test_f_returning_another_structure_is_named():
@@ -1021,27 +1061,43 @@ def test_the_result_is_logged_at_debug_level(caplog):
     assert [rec.getMessage() for rec in caplog.records] == [f"fixed_point: {r.summary()}"]
 
 
-def outside_the_package(filename):
-    """Whether a warning was attributed to a file outside implicitlayers (to its caller)."""
-    return Path(il.__file__).parent not in Path(filename).resolve().parents
+def at_this_line(warning, line):
+    """Whether ``warning`` points at ``line`` of this file (under mutmut, at its trampoline,
+    which stands between this file and the library)."""
+    if "MUTANT_UNDER_TEST" in os.environ:
+        return "mutmut" in warning.filename
+    return (warning.filename, warning.lineno) == (__file__, line)
 
 
-def test_warnings_point_outside_the_library():
-    # (Where exactly they point is the caller's line; mutmut's trampolines add frames, so
-    # this only checks that the warning is not attributed to the library's own code.)
-    solver = il.Picard(max_iter=2, on_max_iter="warn")
+def test_warnings_point_at_the_callers_line():
+    # From fixed_point and from DEQ (one call deeper), under mutmut's trampolines too.
+    solver = il.Picard(max_iter=2, on_unconverged="warn")
     with pytest.warns(il.ConvergenceWarning) as caught:
+        line = inspect.currentframe().f_lineno + 1
         il.fixed_point(half_plus_one, torch.zeros(1, 1), solver=solver)
-    assert outside_the_package(caught[0].filename)
+    assert at_this_line(caught[0], line)
+    deq = il.DEQ(lambda z, x: 0.5 * z + x, solver=solver)
     with pytest.warns(il.ConvergenceWarning) as caught:
+        line = inspect.currentframe().f_lineno + 1
+        deq(torch.ones(1, 1))
+    assert at_this_line(caught[0], line)
+    with pytest.warns(il.ConvergenceWarning) as caught:
+        line = inspect.currentframe().f_lineno + 1
         il.fixed_point(half_plus_one, torch.zeros(1, 1, dtype=torch.bfloat16))
-    assert outside_the_package(caught[0].filename)
+    assert at_this_line(caught[0], line)
     assert str(caught[0].message) == (
         "rtol=0.0001 is below the precision of torch.bfloat16 (eps 0.0078): unless the fixed "
         "point happens to be exactly representable, the residual cannot reach it and samples "
         "run to max_iter. Pass rtol >= 8e-03 for torch.bfloat16 states (e.g. "
         "Anderson(rtol=8e-03)), or solve in a wider dtype."
     )
+    # The adjoint's warning, raised inside autograd's engine, points at loss.backward().
+    rule = il.ImplicitDifferentiation(solver=il.Picard(max_iter=2, rtol=1e-12))
+    z, _ = il.DEQ(lambda z, x: 0.5 * z + x, backward=rule)(torch.ones(1, 1, requires_grad=True))
+    with pytest.warns(il.ConvergenceWarning) as caught:
+        line = inspect.currentframe().f_lineno + 1
+        z.sum().backward()
+    assert at_this_line(caught[0], line)
 
 
 def test_an_rtol_equal_to_the_half_precision_epsilon_does_not_warn():
@@ -1450,19 +1506,16 @@ def test_anderson_with_one_pair_is_picard_bit_for_bit():
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])
-@pytest.mark.parametrize("by_step", [False, True], ids=["step_at", "step"])
-def test_a_rejected_extrapolation_takes_the_plain_step_from_its_base(m, by_step):
-    # As test_overhead_semantics' safeguard test, for every history size that extrapolates
-    # and through step() (slots at count % m per sample) as well as step_at().
+def test_a_rejected_extrapolation_takes_the_plain_step_from_its_base(m):
+    # As test_overhead_semantics' safeguard test, for every history size that extrapolates.
     solver = il.Anderson(history_size=m, mixing=0.5)
-    take = (lambda k, s, z, fz: solver.step(s, z, fz)) if by_step else solver.step_at
     z0, f0 = torch.zeros(3, 4, dtype=F64), torch.ones(3, 4, dtype=F64)
     state = solver.init(z0)
-    z1, state, _ = take(0, state, z0, f0)
+    z1, state, _ = solver.step(state, z0, f0, 0)
     f1 = z1 + 0.5 * (f0 - z0)
-    z2, state, _ = take(1, state, z1, f1)
+    z2, state, _ = solver.step(state, z1, f1, 1)
     f2 = z2 + 3.0 * (f1 - z1)  # its residual is three times the base's
-    z3, state, breakdown = take(2, state, z2, f2)
+    z3, state, breakdown = solver.step(state, z2, f2, 2)
     torch.testing.assert_close(z3, torch.lerp(z1, f1, 0.5), atol=1e-15, rtol=0)
     assert not breakdown.any()
 
@@ -1475,36 +1528,29 @@ def test_an_unconverged_broyden_solve_is_max_iter_not_breakdown():
     assert r.status.tolist() == [Status.MAX_ITER] * 2
 
 
-def test_broyden_step_and_step_at_give_the_same_iterates():
-    # step() reads each sample's own has_prev flag; step_at() knows it from the count. Also
-    # a run that starts with step_at(0) and goes on with step(). (Under a meta default device,
-    # so that no flag is made off the state's device.)
+def test_broyden_flags_stay_on_the_state_device_and_a_breakdown_restarts_with_picard():
+    # (Under a meta default device, so that no flag is made off the state's device.)
     f, g = tanh_map()
     z0 = torch.randn(2, 4, generator=g, dtype=F64)
-    solver = il.Broyden(memory=2)
+    solver = il.Broyden(history_size=2)
     with torch.device("meta"):
-        a, b, c = (solver.init(z0) for _ in range(3))  # (steps update the buffers in place)
-        za = zb = zc = z0
+        state, z = solver.init(z0), z0
         for k in range(7):
-            za, a, ba = solver.step(a, za, f(za))
-            zb, b, bb = solver.step_at(k, b, zb, f(zb))
-            zc, c, bc = (solver.step_at if k == 0 else lambda k, s, z, fz: solver.step(s, z, fz))(
-                k, c, zc, f(zc)
-            )
-            for z, flags in ((za, ba), (zc, bc)):
-                torch.testing.assert_close(z, zb, rtol=1e-12, atol=1e-14)
-                assert not flags.any() and not bb.any()
-    # A breakdown through step(): the same restart and Picard step as through step_at().
+            z, state, flags = solver.step(state, z, f(z), k)
+            assert flags.device == z0.device and not flags.any()
+    # A vanishing secant denominator at the second step: a breakdown, and the Picard step.
     f = near_singular_secant(1e-17)
-    z0 = torch.zeros(1, 2, dtype=F64)
-    a, b = solver.init(z0), solver.init(z0)
-    za = zb = z0
+    z = torch.zeros(1, 2, dtype=F64)
+    state = solver.init(z)
     flags = []
     for k in range(3):
-        za, a, ba = solver.step(a, za, f(za))
-        zb, b, bb = solver.step_at(k, b, zb, f(zb))
-        assert torch.equal(za, zb) and ba.tolist() == bb.tolist()
-        flags.append(bb.item())
+        fz = f(z)
+        z_next, state, broke = solver.step(state, z, fz, k)
+        if k == 1:
+            assert state["count"].tolist() == [0]
+            torch.testing.assert_close(z_next, fz, atol=1e-15, rtol=0)
+        flags.append(broke.item())
+        z = z_next
     assert flags[:2] == [False, True]  # no breakdown at the first step, one at the second
 
 

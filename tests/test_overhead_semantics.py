@@ -82,9 +82,9 @@ def _history(solver, residual_scale):
     z0 = torch.zeros(3, 4, dtype=F64)
     f0 = torch.ones(3, 4, dtype=F64)
     state = solver.init(z0)
-    z1, state, _ = solver.step_at(0, state, z0, f0)  # plain: z1 = f0
+    z1, state, _ = solver.step(state, z0, f0, 0)  # plain: z1 = f0
     f1 = z1 + 0.5 * (f0 - z0)
-    z2, state, _ = solver.step_at(1, state, z1, f1)  # extrapolated
+    z2, state, _ = solver.step(state, z1, f1, 1)  # extrapolated
     f2 = z2 + residual_scale * (f1 - z1)
     return state, z2, f2, z1, f1
 
@@ -93,7 +93,7 @@ def _history(solver, residual_scale):
 def test_safeguard_rejects_an_extrapolation_that_raises_the_residual(mixing):
     solver = il.Anderson(history_size=3, mixing=mixing)
     state, z2, f2, z1, f1 = _history(solver, residual_scale=3.0)
-    z3, state, breakdown = solver.step_at(2, state, z2, f2)
+    z3, state, breakdown = solver.step(state, z2, f2, 2)
     # Back to the plain step from the base z1, which Picard would have taken; not a breakdown.
     torch.testing.assert_close(z3, torch.lerp(z1, f1, mixing), atol=1e-15, rtol=0)
     assert not breakdown.any()
@@ -104,18 +104,19 @@ def test_safeguard_rejects_an_extrapolation_that_raises_the_residual(mixing):
 def test_safeguard_keeps_an_extrapolation_that_lowers_the_residual_and_can_be_turned_off():
     guarded, plain = il.Anderson(history_size=3), il.Anderson(history_size=3, safeguard=False)
     state, z2, f2, _, _ = _history(guarded, residual_scale=0.5)
-    kept, _, _ = guarded.step_at(2, state, z2, f2)
+    kept, _, _ = guarded.step(state, z2, f2, 2)
     state, z2, f2, _, _ = _history(plain, residual_scale=0.5)
-    unguarded, _, _ = plain.step_at(2, state, z2, f2)
+    unguarded, _, _ = plain.step(state, z2, f2, 2)
     torch.testing.assert_close(kept, unguarded, atol=0, rtol=0)
     state, z2, f2, _, f1 = _history(plain, residual_scale=3.0)
-    raised, _, _ = plain.step_at(2, state, z2, f2)
+    raised, _, _ = plain.step(state, z2, f2, 2)
     assert not torch.allclose(raised, f1)  # without the safeguard, the mix goes on
 
 
-def test_step_and_step_at_give_the_same_iterates():
-    # step() places each pair at count % m per sample, step_at() every pair at iteration % m:
-    # the mix does not depend on the slots.
+@pytest.mark.parametrize("shift", [1, 2])
+def test_anderson_iterates_do_not_depend_on_which_slot_holds_which_pair(shift):
+    # Every pair goes to slot iteration % m: a run whose slots are shifted (as if the loop had
+    # counted from `shift`) mixes the same pairs, so it takes the same steps.
     solver = il.Anderson(history_size=3)
     gen = torch.Generator().manual_seed(0)
     W = 0.3 * torch.randn(6, 6, generator=gen, dtype=F64)
@@ -124,9 +125,10 @@ def test_step_and_step_at_give_the_same_iterates():
     a, b = solver.init(z), solver.init(z)
     za = zb = z
     for k in range(7):
-        za, a, _ = solver.step(a, za, f(za))
-        zb, b, _ = solver.step_at(k, b, zb, f(zb))
+        za, a, _ = solver.step(a, za, f(za), k)
+        zb, b, _ = solver.step(b, zb, f(zb), k + shift)
         torch.testing.assert_close(za, zb, atol=1e-13, rtol=0)
+    assert not torch.equal(a["X"], b["X"])  # the slots did differ
 
 
 def test_safeguard_is_validated_by_name():
@@ -198,7 +200,7 @@ def test_picard_reports_no_breakdown_and_custom_solvers_may_return_none():
         def init(self, z):
             return {}
 
-        def step(self, state, z, fz):
+        def step(self, state, z, fz, iteration):
             return 0.5 * (z + fz), state, None
 
     result = il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 1), solver=Halve(max_iter=5))
@@ -263,6 +265,40 @@ def test_without_host_reads_the_loop_reads_once_per_chunk(cls):
         assert reads(k) - fixed == 24 // k - 1
 
 
+class _Operations(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls", SOLVERS, ids=IDS)
+@pytest.mark.parametrize("host_reads", [None, False], ids=["host", "sync-free"])
+@pytest.mark.parametrize("trace", [False, True])
+def test_the_rms_norm_costs_one_operation_per_solve_not_per_iteration(cls, host_reads, trace):
+    # The rms test runs in l2 units with atol scaled once (a float); only the reported
+    # residual (and the trace) are divided by sqrt(n), once at the end.
+    gen = torch.Generator().manual_seed(0)
+    W = 0.95 * torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=F64))[0]
+    f = lambda z: torch.tanh(z @ W.T + 0.1)  # noqa: E731
+
+    def operations(norm):
+        solver = cls(max_iter=24, atol=1e-30, rtol=1e-30, norm=norm, trace=trace)
+        with _Operations() as counter, _HostReads() as reads:
+            result = il.fixed_point(
+                f, torch.zeros(3, 8, dtype=F64), solver=solver, host_reads=host_reads
+            )
+        assert result.n_f_evals == 24  # the tolerance is never met
+        return counter.count, reads.count, result
+
+    (l2_ops, l2_reads, l2), (rms_ops, rms_reads, rms) = operations("l2"), operations("rms")
+    assert rms_ops - l2_ops == (2 if trace else 1) and rms_reads == l2_reads
+    assert torch.equal(rms.residual, l2.residual / math.sqrt(8))
+
+
 # --- The chunk compiles as one graph ------------------------------------------------------
 
 
@@ -309,4 +345,41 @@ def test_a_compiled_solve_gives_the_eager_results_sample_by_sample():
     chunks = [g for g in graphs if any("tanh" in t for t in g) and any("solve_ex" in t for t in g)]
     assert chunks, "no graph holds both f and the Anderson step"
     assert max(sum("tanh" in t for t in g) for g in graphs) >= 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_a_compiled_rms_solve_keeps_one_graph_per_chunk_and_the_eager_results():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 32, generator=gen, dtype=F64)
+    W = W / torch.linalg.matrix_norm(W, 2)
+    x = torch.randn(3, 32, generator=gen, dtype=F64)
+    rates = torch.tensor([0.01, 0.6, 0.95], dtype=F64)
+    solver = il.Anderson(max_iter=8, check_every=4, atol=1e-6, rtol=0.0, norm="rms", trace=True)
+
+    def solve(x, rates):
+        result = il.fixed_point(
+            lambda z, x, rates: torch.tanh(rates[:, None] * (z @ W.T) + x),
+            torch.zeros(3, 32, dtype=F64),
+            x,
+            rates,
+            solver=solver,
+            host_reads=False,
+        )
+        return result.z, result.status, result.n_steps, result.residual, result.trace
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes})
+        return gm.forward
+
+    eager = solve(x, rates)
+    compiled = torch.compile(solve, backend=record)(x, rates)
+    assert eager[1].tolist()[0] == int(il.Status.SUCCESS)
+    for got, want in zip(compiled, eager, strict=True):
+        assert torch.equal(got, want)
+    chunks = [g for g in graphs if any("tanh" in t for t in g) and any("solve_ex" in t for t in g)]
+    assert chunks, "no graph holds both f and the Anderson step"
     torch._dynamo.reset()

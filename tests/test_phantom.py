@@ -137,7 +137,7 @@ def test_phantom_calls_f_steps_times_with_grad_whatever_the_forward_budget():
             saved += t.numel() * t.element_size()
             return t
 
-        solver = il.Picard(max_iter=max_iter, atol=0.0, rtol=1e-300, on_max_iter="ignore")
+        solver = il.Picard(max_iter=max_iter, atol=0.0, rtol=1e-300, on_unconverged="ignore")
         deq = il.DEQ(f, solver=solver, backward=PhantomGradient(steps=4))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             z, result = deq(x, z0=torch.zeros(2, 5, dtype=F64))
@@ -177,7 +177,7 @@ def test_phantom_graph_grows_with_steps():
 def test_phantom_matches_neumann_phantom_at_an_exact_fixed_point(setup):
     problem, x, c = setup
     grads = []
-    for rule in (PhantomGradient(steps=6, mixing=0.7), NeumannPhantom(terms=6, mixing=0.7)):
+    for rule in (PhantomGradient(steps=6, mixing=0.7), NeumannPhantom(terms=5, mixing=0.7)):
         module = AffineModule(problem)
         _, _, xg = deq_grads(rule, module, x, c)
         grads.append([module.W.grad, module.U.grad, module.b.grad, xg.grad])
@@ -189,7 +189,7 @@ def test_phantom_adjoint_is_the_neumann_phantom_vector():
     W = torch.randn(5, 5, dtype=F64) / 5
     g = torch.randn(3, 5, dtype=F64)
     u, result = PhantomGradient(steps=4, mixing=0.6).adjoint(lambda v: v @ W, g)
-    v, _ = NeumannPhantom(terms=4, mixing=0.6).adjoint(lambda v: v @ W, g)
+    v, _ = NeumannPhantom(terms=3, mixing=0.6).adjoint(lambda v: v @ W, g)
     assert result is None and torch.equal(u, v)
     torch.testing.assert_close(u, row_series(g, W, 4, 0.6), atol=1e-14, rtol=0)
 
@@ -205,8 +205,9 @@ def test_phantom_converges_to_the_implicit_gradient_at_the_predicted_rate(setup,
     errors = {}
     for k in (1, 2, 4, 8, 16, 30, 31):
         module = AffineModule(problem)
-        field = "steps" if rule_type is PhantomGradient else "terms"
-        deq_grads(rule_type(**{field: k}, mixing=lam), module, x, c)
+        # PhantomGradient(steps=k) and NeumannPhantom(terms=k - 1) keep powers B^0 .. B^{k-1}.
+        count = {"steps": k} if rule_type is PhantomGradient else {"terms": k - 1}
+        deq_grads(rule_type(**count, mixing=lam), module, x, c)
         err = module.b.grad - exact.sum(0)
         # The error is exactly B^k (I - J^T)^{-1} g, summed over the batch.
         predicted = -(exact @ torch.linalg.matrix_power(M, k)).sum(0)
@@ -227,15 +228,15 @@ def test_phantom_converges_to_the_implicit_gradient_at_the_predicted_rate(setup,
 def test_neumann_phantom_is_its_dense_formula(setup, k, lam):
     problem, x, c = setup
     module = AffineModule(problem)
-    z, _, xg = deq_grads(NeumannPhantom(terms=k, mixing=lam), module, x, c)
+    z, _, xg = deq_grads(NeumannPhantom(terms=k - 1, mixing=lam), module, x, c)
     check_affine_grads(row_series(c, problem.W, k, lam), module, xg, z.detach(), problem, 1e-12)
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_neumann_phantom_undamped_is_neumann_with_one_term_less(setup, k):
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_neumann_phantom_undamped_is_neumann_with_the_same_terms(setup, k):
     problem, x, c = setup
     grads = []
-    for rule in (NeumannPhantom(terms=k, mixing=1.0), il.Neumann(terms=k - 1)):
+    for rule in (NeumannPhantom(terms=k, mixing=1.0), il.Neumann(terms=k)):
         module = AffineModule(problem)
         _, _, xg = deq_grads(rule, module, x, c)
         grads.append([module.W.grad, module.U.grad, module.b.grad, xg.grad])
@@ -277,7 +278,7 @@ def test_neumann_phantom_second_order_is_its_formula_differentiated(setup):
     problem, x, c = setup
     k, lam = 4, 0.6
     module = AffineModule(problem)
-    deq = il.DEQ(module, solver=TIGHT, backward=NeumannPhantom(terms=k, mixing=lam))
+    deq = il.DEQ(module, solver=TIGHT, backward=NeumannPhantom(terms=k - 1, mixing=lam))
     xg = x.clone().requires_grad_(True)
     z, _ = deq(xg, z0=torch.zeros(4, 6, dtype=F64))
     (gx,) = torch.autograd.grad((c * z).sum(), xg, create_graph=True)
@@ -355,7 +356,7 @@ def test_phantom_rules_are_frozen_keyword_only_and_print_compactly():
         (PhantomGradient, {"mixing": 1.5}, ValueError, r"mixing must lie in \(0.0, 1.0\]"),
         (PhantomGradient, {"mixing": float("nan")}, ValueError, r"mixing must be finite"),
         (PhantomGradient, {"mixing": "0.5"}, TypeError, r"mixing must be a float"),
-        (NeumannPhantom, {"terms": 0}, ValueError, r"terms must be >= 1, got 0"),
+        (NeumannPhantom, {"terms": -1}, ValueError, r"terms must be >= 0, got -1"),
         (NeumannPhantom, {"mixing": -0.5}, ValueError, r"mixing must lie in \(0.0, 1.0\]"),
     ],
 )

@@ -127,14 +127,15 @@ def outcome(solver):
         (il.Picard, {}, "max_iter", 7),
         (il.Picard, {"max_iter": 500, "rtol": 1e-8}, "atol", 1e-2),
         (il.Picard, {"max_iter": 500}, "rtol", 1e-2),
-        (il.Picard, {}, "damping", 0.5),
-        (il.Picard, {"max_iter": 3}, "on_max_iter", "raise"),
+        (il.Picard, {}, "mixing", 0.5),
+        (il.Picard, {"max_iter": 500, "rtol": 1e-8}, "norm", "rms"),
+        (il.Picard, {"max_iter": 3}, "on_unconverged", "raise"),
         (il.Picard, {"max_iter": 200}, "trace", True),
         (il.Picard, {"max_iter": 500, "rtol": 1e-6}, "check_every", 8),
         (il.Anderson, {}, "history_size", 2),
         (il.Anderson, {}, "mixing", 0.5),
         (il.Anderson, {"rtol": 1e-10, "atol": 0.0}, "regularization", 1e-2),
-        (il.Broyden, {"rtol": 1e-10, "atol": 0.0}, "memory", 2),
+        (il.Broyden, {"rtol": 1e-10, "atol": 0.0}, "history_size", 2),
     ],
 )
 def test_every_hyperparameter_changes_behaviour(cls, base, field, value):
@@ -165,9 +166,9 @@ JUNK = st.one_of(
     st.lists(st.integers(), max_size=2),
 )
 FIELDS = {
-    il.Picard: ["max_iter", "atol", "rtol", "damping", "check_every", "on_max_iter"],
+    il.Picard: ["max_iter", "atol", "rtol", "mixing", "norm", "check_every", "on_unconverged"],
     il.Anderson: ["history_size", "mixing", "regularization", "divergence_ratio", "on_nonfinite"],
-    il.Broyden: ["memory", "trace"],
+    il.Broyden: ["history_size", "trace"],
 }
 
 

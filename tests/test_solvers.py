@@ -216,8 +216,9 @@ def test_autocast_bookkeeping_stays_float32():
 class _FullMemoryBroyden(il.Broyden):
     """The former Broyden step: multiplies by every memory slot, masking the empty ones."""
 
-    def step_at(self, iteration, state, z, fz):
-        return self.step(state, z, fz)
+    def step(self, state, z, fz, iteration):
+        # Told that the memory may be full from the second step on.
+        return super().step(state, z, fz, iteration and self.history_size)
 
 
 @pytest.mark.parametrize("memory", [3, 40])
@@ -225,7 +226,7 @@ def test_broyden_multiplies_only_filled_slots_with_the_same_iterates(memory):
     cell = ConvCell().double()
     x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
     z0 = torch.zeros(3, 3, 6, 6, dtype=torch.float64)
-    options = {"max_iter": 30, "atol": 0.0, "rtol": 1e-13, "memory": memory, "trace": True}
+    options = {"max_iter": 30, "atol": 0.0, "rtol": 1e-13, "history_size": memory, "trace": True}
     sliced = il.fixed_point(cell, z0, x, solver=il.Broyden(**options))
     full = il.fixed_point(cell, z0, x, solver=_FullMemoryBroyden(**options))
     assert sliced.n_f_evals == full.n_f_evals
@@ -317,9 +318,100 @@ def test_anderson_breakdown_takes_the_damped_picard_step(mixing):
     solver = il.Anderson(history_size=2, regularization=0.0, mixing=mixing)
     z = torch.randn(3, 4, dtype=torch.float64)
     fz = torch.randn(3, 4, dtype=torch.float64)
-    _, state, breakdown = solver.step(solver.init(z), z, fz)
+    _, state, breakdown = solver.step(solver.init(z), z, fz, 0)
     assert not breakdown.any()
     # The same pair again: the Gram system is singular.
-    z_next, state, breakdown = solver.step(state, z, fz)
+    z_next, state, breakdown = solver.step(state, z, fz, 1)
     assert breakdown.all() and (state["count"] == 0).all()
     torch.testing.assert_close(z_next, torch.lerp(z, fz, mixing), atol=1e-15, rtol=0)
+
+
+# norm="rms": with f(z) = 0.5 z + x from z0 = 0, Picard gives z_k = 2x(1 - 2^-k), so
+# f(z_k) - z_k = 2^-k x and the residual at iteration k is 2^-k ||x|| (exactly, in binary
+# floating point, for x = c * ones with c a small integer). With rtol = 0 a sample stops at the
+# first k with 2^-k ||x|| <= atol, after k + 1 evaluations: for c * ones(100), ||x||_2 = 10 c
+# and the rms norm is c.
+HALVING = lambda z, x: 0.5 * z + x  # noqa: E731
+
+
+def test_rms_norm_stops_at_the_closed_form_iteration():
+    x = torch.tensor([3.0, 48.0], dtype=torch.float64)[:, None].expand(2, 100)
+    z0 = torch.zeros(2, 100, dtype=torch.float64)
+    common = {"max_iter": 40, "atol": 1e-3, "rtol": 0.0, "trace": True}
+    rms = il.fixed_point(HALVING, z0, x, solver=il.Picard(norm="rms", **common))
+    l2 = il.fixed_point(HALVING, z0, x, solver=il.Picard(**common))
+    # rms: 3 * 2^-k <= 1e-3 first at k = 12 (3/4096); 48 * 2^-k at k = 16 (48/65536).
+    assert rms.n_steps.tolist() == [13, 17] and rms.converged.all()
+    assert rms.residual.tolist() == [3 / 4096, 48 / 65536]
+    # l2: 30 * 2^-k <= 1e-3 first at k = 15; 480 * 2^-k at k = 19.
+    assert l2.n_steps.tolist() == [16, 20] and l2.converged.all()
+    assert l2.residual.tolist() == [30 / 32768, 480 / 524288]
+    # The trace is in the solver's norm too: c * 2^-k while running, then its last value.
+    k = torch.arange(17, dtype=torch.float64)
+    halvings = torch.minimum(k, torch.tensor([12.0, 16.0], dtype=torch.float64)[:, None]).T
+    assert torch.equal(rms.trace, torch.tensor([3.0, 48.0], dtype=torch.float64) * 0.5**halvings)
+    # The rate is a ratio of norms: 1/2 under either.
+    assert rms.rate.tolist() == [0.5, 0.5] and l2.rate.tolist() == [0.5, 0.5]
+    # error ||z - 2x|| = 2 * residual, in the solver's norm: residual / (1 - 1/2).
+    assert torch.equal(rms.error_estimate, 2 * rms.residual)
+    error = torch.linalg.vector_norm(rms.z - 2 * x, dim=1) / 10
+    torch.testing.assert_close(rms.error_estimate, error, rtol=1e-15, atol=0)
+
+
+def test_rms_residual_is_the_l2_residual_over_sqrt_n():
+    x = torch.randn(4, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z0 = torch.zeros(4, 100, dtype=torch.float64)
+    rms = il.fixed_point(HALVING, z0, x, solver=il.Picard(norm="rms", atol=1e-4, trace=True))
+    l2 = il.fixed_point(HALVING, z0, x, solver=il.Picard(atol=1e-3, trace=True))
+    assert torch.equal(rms.n_steps, l2.n_steps) and torch.equal(rms.z, l2.z)
+    torch.testing.assert_close(rms.residual, l2.residual / 10, rtol=1e-15, atol=0)
+    torch.testing.assert_close(rms.trace, l2.trace / 10, rtol=1e-15, atol=0)
+    torch.testing.assert_close(rms.error_estimate, l2.error_estimate / 10, rtol=1e-15, atol=0)
+    assert torch.equal(rms.rate, l2.rate)
+    # And the residual is the measured rms of f(z) - z at the returned iterate.
+    direct = torch.linalg.vector_norm(HALVING(rms.z, x) - rms.z, dim=1) / 10
+    torch.testing.assert_close(rms.residual, direct, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("cls", [il.Picard, il.Anderson, il.Broyden], ids=IDS)
+@pytest.mark.parametrize(
+    "path",
+    [{}, {"host_reads": False}, {"independent_samples": True}],
+    ids=["host", "sync-free", "independent"],
+)
+def test_rms_with_atol_a_stops_where_l2_with_atol_a_sqrt_n_stops(cls, path):
+    # A structured state of n = 3 + 2 * 4 = 11 features (sqrt(11) is irrational), samples
+    # that converge, diverge and turn NaN, and an atol that decides when they stop.
+    rates = torch.tensor([0.1, 0.5, 0.9, 1.5, 0.99], dtype=torch.float64)
+    target = torch.ones(5, 11, dtype=torch.float64)
+
+    def f(z, rates, target):
+        flat = torch.cat((z[0], z[1].flatten(1)), dim=1)
+        out = _mixed_batch_map(flat, rates, target)
+        return (out[:, :3], out[:, 3:].reshape(-1, 2, 4))
+
+    z0 = (torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5, 2, 4, dtype=torch.float64))
+    common = {"max_iter": 150, "rtol": 1e-9, "divergence_ratio": 20.0, "check_every": 3}
+    common |= {"on_nonfinite": "ignore", "trace": True}
+    a = 1e-5
+    rms = il.fixed_point(f, z0, rates, target, solver=cls(norm="rms", atol=a, **common), **path)
+    l2 = il.fixed_point(f, z0, rates, target, solver=cls(atol=a * 11**0.5, **common), **path)
+    assert len(set(rms.status.tolist())) >= 3
+    assert torch.equal(rms.status, l2.status) and torch.equal(rms.n_steps, l2.n_steps)
+    assert rms.n_f_evals == l2.n_f_evals
+    assert torch.equal(rms.z[0], l2.z[0]) and torch.equal(rms.z[1], l2.z[1])
+    assert torch.equal(rms.residual, l2.residual / 11**0.5)
+    torch.testing.assert_close(rms.trace, l2.trace / 11**0.5, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(rms.rate.isnan(), l2.rate.isnan())
+    torch.testing.assert_close(rms.rate, l2.rate, rtol=0, atol=0, equal_nan=True)
+    if cls is il.Picard:  # (Anderson and Broyden solve these affine maps in a few steps)
+        # With a = 1e-5 as an l2 atol the converging samples stop later.
+        later = il.fixed_point(f, z0, rates, target, solver=cls(atol=a, **common), **path)
+        assert (later.n_steps[:3] > rms.n_steps[:3]).all()
+
+
+def test_norm_must_be_l2_or_rms():
+    with pytest.raises(ValueError, match=r"norm must be one of 'l2', 'rms', got 'L2'"):
+        il.Picard(norm="L2")
+    assert repr(il.Anderson(norm="rms")) == "Anderson(norm='rms')"
+    assert il.Picard().norm == "l2"

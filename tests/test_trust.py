@@ -318,7 +318,7 @@ def test_a_diverging_sample_gets_no_gradient_and_leaves_the_others_exact(rule):
     x = torch.ones(3, 1, dtype=torch.float64)
     rate = torch.tensor([0.5, 0.5, 2.0], dtype=torch.float64)
     cell = _Scale()
-    deq = il.DEQ(cell, solver=il.Picard(max_iter=60, on_max_iter="ignore"), backward=rule)
+    deq = il.DEQ(cell, solver=il.Picard(max_iter=60, on_unconverged="ignore"), backward=rule)
     z, result = deq(x, rate)
     assert result.statuses()[2] == il.Status.DIVERGED
     z.sum().backward()

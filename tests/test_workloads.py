@@ -88,11 +88,13 @@ def test_torch_func_transforms_are_documented_as_unsupported():
 
 
 def test_state_dict_round_trip_and_weights_only_load():
-    deq = il.DEQ(TanhCell(), solver=il.Broyden(memory=4), backward=il.Neumann(terms=3))
+    deq = il.DEQ(TanhCell(), solver=il.Broyden(history_size=4), backward=il.Neumann(terms=3))
     buffer = io.BytesIO()
     torch.save(deq.state_dict(), buffer)
     buffer.seek(0)
-    restored = il.DEQ(TanhCell(seed=5), solver=il.Broyden(memory=4), backward=il.Neumann(terms=3))
+    restored = il.DEQ(
+        TanhCell(seed=5), solver=il.Broyden(history_size=4), backward=il.Neumann(terms=3)
+    )
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     x = torch.randn(3, 3, dtype=torch.float64)
     z0 = torch.zeros(3, 5, dtype=torch.float64)

@@ -86,13 +86,13 @@ def _solvers(quick: bool) -> dict[str, il.AbstractSolver | il.linear.AbstractLin
         "Picard": il.Picard(**fixed),
         "Anderson(m=5)": il.Anderson(**fixed),
         "Anderson(m=20)": il.Anderson(history_size=20, **fixed),
-        "Broyden(memory=10)": il.Broyden(**fixed),
-        "Broyden(memory=40)": il.Broyden(memory=40, **fixed),
+        "Broyden(history_size=10)": il.Broyden(**fixed),
+        "Broyden(history_size=40)": il.Broyden(history_size=40, **fixed),
         "GMRES(restart=20)": il.GMRES(restart=20, **fixed),
         "GMRES(restart=50)": il.GMRES(restart=50, **fixed),
     }
     if quick:
-        for label in ("Anderson(m=20)", "Broyden(memory=40)", "GMRES(restart=50)"):
+        for label in ("Anderson(m=20)", "Broyden(history_size=40)", "GMRES(restart=50)"):
             del solvers[label]
     return solvers
 

@@ -1,6 +1,7 @@
 """Suite 3: backward rules, cost in units of one VJP, memory, and gradient accuracy.
 
-For JFB, Neumann(k), the phantom gradients NeumannPhantom(k) and PhantomGradient(k), and
+For JFB, Neumann(k), the phantom gradients NeumannPhantom(terms=k) and
+PhantomGradient(steps=k), and
 ImplicitDifferentiation with each adjoint solver (GMRES among them): the time of
 ``loss.backward()`` in units of one vector-Jacobian product through ``f`` at the fixed point,
 the allocator peak during the backward pass, the bytes autograd saved in the forward pass,
@@ -20,9 +21,9 @@ from torch import Tensor, nn
 
 import implicitlayers as il
 
-from .._memory import SavedTensors, peak_bytes
+from .._memory import CallCounter, SavedTensors, peak_bytes
 from .._plots import figure, save
-from .._problems import Counted, Problem
+from .._problems import Problem
 from .._report import fmt, mib
 from .._timing import Timing, measure
 from .._types import Acceptance, SuiteContext, SuiteResult
@@ -52,9 +53,12 @@ def _rules(quick: bool) -> dict[str, il.AbstractBackward]:
         rules[f"Neumann(k={k})"] = il.Neumann(terms=k)
     phantom = PHANTOM[:1] if quick else PHANTOM
     for k, lam in phantom:
-        rules[f"NeumannPhantom(k={k}, mixing={lam})"] = il.NeumannPhantom(terms=k, mixing=lam)
+        # k reverse passes each: powers B^0 .. B^{k-1}.
+        rules[f"NeumannPhantom(terms={k - 1}, mixing={lam})"] = il.NeumannPhantom(
+            terms=k - 1, mixing=lam
+        )
     for k, lam in phantom:
-        rules[f"PhantomGradient(k={k}, mixing={lam})"] = il.PhantomGradient(steps=k, mixing=lam)
+        rules[f"PhantomGradient(steps={k}, mixing={lam})"] = il.PhantomGradient(steps=k, mixing=lam)
     solvers: dict[str, il.AbstractSolver | il.linear.AbstractLinearSolver] = {
         "Picard": il.Picard(**adjoint),
         "Anderson": il.Anderson(**adjoint),
@@ -179,12 +183,11 @@ def _run_problem(
     units = vjp_units(ctx, problem, z_star, repeats)
     suite.add(kind="vjp_unit", problem=problem.name, **problem.info, **units)
     unit_vjp = _unit_vjps(problem, z_star)
-    counted = Counted(problem.cell)
     # The forward starts at the solved z*, so it converges on its first evaluation and the
     # timed part is the backward pass alone.
     start = il.Picard(max_iter=5, atol=0.0, rtol=1e-5)
     for label, rule in ctx.bar(list(rules.items()), f"backward {problem.name}"):
-        deq = il.DEQ(counted, solver=start, backward=rule)
+        deq = il.DEQ(problem.cell, solver=start, backward=rule)
 
         solve: dict[str, il.SolverResult] = {}
 
@@ -196,14 +199,14 @@ def _run_problem(
         timing, in_vjps, in_param_vjps = _paired_times(ctx, forward, unit_vjp, repeats)
         forward_timing = measure(lambda _: forward(), device=ctx.device, repeats=repeats)
         memory = peak_bytes(lambda loss: loss.backward(), ctx.device, setup=forward)
-        counted.reset()
-        with SavedTensors(problem.cell.parameters()) as saved:
-            loss = forward()
-        # The forward solve's own evaluations run without autograd; the rest are the rule's
-        # applications of f kept in the graph (k for PhantomGradient, 1 for the others).
-        graph_applications = counted.forward_calls - solve["result"].n_f_evals
-        loss.backward()
-        reverse_passes = counted.reverse_calls
+        with CallCounter(problem.cell) as counted:
+            with SavedTensors(problem.cell.parameters()) as saved:
+                loss = forward()
+            # The forward solve's own evaluations run without autograd; the rest are the rule's
+            # applications of f kept in the graph (k for PhantomGradient, 1 for the others).
+            graph_applications = counted.forward_calls - solve["result"].n_f_evals
+            loss.backward()
+            reverse_passes = counted.reverse_calls
         grad = _flat_grad(problem.cell).to(torch.float64)
         cosine = float(torch.nn.functional.cosine_similarity(grad, exact, dim=0))
         adjoint = deq.last_backward_result
@@ -305,9 +308,9 @@ def _summarise(ctx: SuiteContext, suite: SuiteResult, problems: list[Problem]) -
         "DEQ.last_backward_result."
     )
     suite.notes.append(
-        "Phantom gradients (Geng et al., 2021), mixing = lambda: NeumannPhantom(k) sums "
-        "lambda sum_{i<k} ((1 - lambda) I + lambda J^T)^i g with k - 1 VJPs at z*, plus the "
-        "reverse pass that maps u to the parameters; PhantomGradient(k) backpropagates "
+        "Phantom gradients (Geng et al., 2021), mixing = lambda: NeumannPhantom(terms=k) sums "
+        "lambda sum_{i<=k} ((1 - lambda) I + lambda J^T)^i g with k VJPs at z*, plus the "
+        "reverse pass that maps u to the parameters; PhantomGradient(steps=k) backpropagates "
         "through k damped steps z <- (1 - lambda) z + lambda f(z) taken from the detached z*: "
         "k reverse passes, and the k applications of f run in the forward pass, kept in the "
         "graph. 'f in graph' counts the applications of f made under autograd after the "

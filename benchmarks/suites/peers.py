@@ -10,9 +10,9 @@ Settings were matched by reading torchdeq's source (``torchdeq/solver/*.py``,
 * Anderson: torchdeq ``m=6, lam=1e-4, tau=1.0`` (its defaults); ours ``history_size=6,
   mixing=1.0`` and our default ``regularization=1e-6``. The ridges cannot be matched exactly:
   torchdeq adds a fixed ``1e-4 I`` to ``GG^T``, ours adds ``1e-6 max diag(GG^T) I``.
-* Picard: torchdeq ``fixed_point_iter`` with ``tau=1.0``; ours ``Picard(damping=0)``.
+* Picard: torchdeq ``fixed_point_iter`` with ``tau=1.0``; ours ``Picard(mixing=1.0)``.
 * Broyden: torchdeq keeps every update (``LBFGS_thres=None`` -> ``max_iter``) without line
-  search; ours ``Broyden(memory=max_iter)``.
+  search; ours ``Broyden(history_size=max_iter)``.
 * backward: JFB is torchdeq ``grad=1`` against our ``JFB()``; implicit differentiation is
   torchdeq ``ift=True, b_solver="anderson", b_stop_mode="rel"`` against our
   ``ImplicitDifferentiation(solver=Anderson(history_size=6, mixing=1.0, atol=0, rtol=b_tol))``.
@@ -24,7 +24,7 @@ bookkeeping rather than ``f`` decides the time: ``max_iter`` iterations each, wi
 neither library meets (``tol=1e-30``; torchdeq's ``stop_mode="abs"``), so both do the same
 number of evaluations.
 
-``f`` evaluations and reverse passes are counted by the same wrapper around the cell for both
+``f`` evaluations and reverse passes are counted by the same hooks on the cell for both
 libraries. Timings alternate between the libraries repeat by repeat, so a shared machine's
 slow moments hit both, and each ours/theirs ratio is the median of the per-repeat ratios.
 
@@ -49,9 +49,9 @@ from torch import Tensor
 
 import implicitlayers as il
 
-from .._memory import SavedTensors, peak_bytes
+from .._memory import CallCounter, SavedTensors, peak_bytes
 from .._plots import figure, save
-from .._problems import Counted, Problem
+from .._problems import Problem
 from .._report import fmt, mib
 from .._timing import paired_ratio
 from .._types import Acceptance, SuiteContext, SuiteResult, skipped
@@ -72,10 +72,10 @@ def _ours_solver(name: str, max_iter: int, tol: float) -> il.AbstractSolver:
     if tol < 1e-20:  # a tolerance that is never met: run max_iter iterations, as torchdeq does
         options["divergence_ratio"] = None
     if name == "picard":
-        return il.Picard(damping=0.0, **options)
+        return il.Picard(mixing=1.0, **options)
     if name == "anderson":
         return il.Anderson(history_size=6, mixing=1.0, **options)
-    return il.Broyden(memory=max_iter, **options)
+    return il.Broyden(history_size=max_iter, **options)
 
 
 def _theirs(
@@ -161,47 +161,47 @@ def run(ctx: SuiteContext) -> SuiteResult:
 def _forward(
     ctx: SuiteContext, suite: SuiteResult, problem: Problem, solver: str, cfg: dict[str, Any]
 ) -> None:
-    counted = Counted(problem.cell)
-    ours = il.DEQ(counted, solver=_ours_solver(solver, cfg["max_iter"], cfg["tol"]))
-    theirs = _theirs(
-        solver, cfg["max_iter"], cfg["tol"], "jfb", cfg["b_tol"], cfg.get("stop_mode", "rel")
-    ).eval()
-    out: dict[str, Tensor] = {}
-    evals: dict[str, int] = {}
+    with CallCounter(problem.cell) as counted:  # for both libraries
+        ours = il.DEQ(problem.cell, solver=_ours_solver(solver, cfg["max_iter"], cfg["tol"]))
+        theirs = _theirs(
+            solver, cfg["max_iter"], cfg["tol"], "jfb", cfg["b_tol"], cfg.get("stop_mode", "rel")
+        ).eval()
+        out: dict[str, Tensor] = {}
+        evals: dict[str, int] = {}
 
-    def run_ours() -> None:
-        counted.reset()
-        with torch.no_grad():
-            out["ours"], _ = ours(*problem.inputs, z0=problem.z0)
-        evals["ours"] = counted.forward_calls
+        def run_ours() -> None:
+            counted.reset()
+            with torch.no_grad():
+                out["ours"], _ = ours(*problem.inputs, z0=problem.z0)
+            evals["ours"] = counted.forward_calls
 
-    def run_theirs() -> None:
-        counted.reset()
-        with torch.no_grad():
-            z, _ = theirs(lambda z: counted(z, *problem.inputs), problem.z0)
-        out["theirs"] = z[-1]
-        evals["theirs"] = counted.forward_calls
+        def run_theirs() -> None:
+            counted.reset()
+            with torch.no_grad():
+                z, _ = theirs(lambda z: problem.cell(z, *problem.inputs), problem.z0)
+            out["theirs"] = z[-1]
+            evals["theirs"] = counted.forward_calls
 
-    times = _alternate({"ours": run_ours, "theirs": run_theirs}, cfg["repeats"], ctx.device)
-    t_ours, t_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
-    suite.add(
-        kind="forward",
-        problem=problem.name,
-        **problem.info,
-        solver=solver,
-        tol=cfg["tol"],
-        small_f=problem.info["family"] in ("mlp", "graph"),
-        ours_time_s=t_ours,
-        theirs_time_s=t_theirs,
-        ours_time_samples_s=times["ours"],
-        theirs_time_samples_s=times["theirs"],
-        time_ratio=paired_ratio(times["ours"], times["theirs"]),
-        time_ratio_q25=_lower_quartile(times["ours"], times["theirs"]),
-        ours_f_evals=evals["ours"],
-        theirs_f_evals=evals["theirs"],
-        ours_relative_residual=relative_residual(problem, out["ours"]),
-        theirs_relative_residual=relative_residual(problem, out["theirs"]),
-    )
+        times = _alternate({"ours": run_ours, "theirs": run_theirs}, cfg["repeats"], ctx.device)
+        t_ours, t_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
+        suite.add(
+            kind="forward",
+            problem=problem.name,
+            **problem.info,
+            solver=solver,
+            tol=cfg["tol"],
+            small_f=problem.info["family"] in ("mlp", "graph"),
+            ours_time_s=t_ours,
+            theirs_time_s=t_theirs,
+            ours_time_samples_s=times["ours"],
+            theirs_time_samples_s=times["theirs"],
+            time_ratio=paired_ratio(times["ours"], times["theirs"]),
+            time_ratio_q25=_lower_quartile(times["ours"], times["theirs"]),
+            ours_f_evals=evals["ours"],
+            theirs_f_evals=evals["theirs"],
+            ours_relative_residual=relative_residual(problem, out["ours"]),
+            theirs_relative_residual=relative_residual(problem, out["theirs"]),
+        )
 
 
 def _control(ctx: SuiteContext, suite: SuiteResult, problem: Problem, cfg: dict[str, Any]) -> None:
@@ -231,85 +231,89 @@ def _control(ctx: SuiteContext, suite: SuiteResult, problem: Problem, cfg: dict[
 def _training(
     ctx: SuiteContext, suite: SuiteResult, problem: Problem, backward: str, cfg: dict[str, Any]
 ) -> None:
-    counted = Counted(problem.cell)
-    rule: il.AbstractBackward = il.JFB()
-    if backward == "ift":
-        adjoint = il.Anderson(
-            history_size=6, mixing=1.0, max_iter=cfg["max_iter"], atol=0.0, rtol=cfg["b_tol"]
+    with CallCounter(problem.cell) as counted:  # for both libraries
+        rule: il.AbstractBackward = il.JFB()
+        if backward == "ift":
+            adjoint = il.Anderson(
+                history_size=6, mixing=1.0, max_iter=cfg["max_iter"], atol=0.0, rtol=cfg["b_tol"]
+            )
+            rule = il.ImplicitDifferentiation(solver=adjoint)
+        ours = il.DEQ(
+            problem.cell,
+            solver=_ours_solver("anderson", cfg["max_iter"], cfg["tol"]),
+            backward=rule,
         )
-        rule = il.ImplicitDifferentiation(solver=adjoint)
-    ours = il.DEQ(
-        counted, solver=_ours_solver("anderson", cfg["max_iter"], cfg["tol"]), backward=rule
-    )
-    theirs = _theirs("anderson", cfg["max_iter"], cfg["tol"], backward, cfg["b_tol"]).train()
-    weight = torch.randn(problem.z0.shape, generator=torch.Generator().manual_seed(5))
-    weight = weight.to(problem.z0)
-    params = list(problem.cell.parameters())
+        theirs = _theirs("anderson", cfg["max_iter"], cfg["tol"], backward, cfg["b_tol"]).train()
+        weight = torch.randn(problem.z0.shape, generator=torch.Generator().manual_seed(5))
+        weight = weight.to(problem.z0)
+        params = list(problem.cell.parameters())
 
-    def loss_ours() -> Tensor:
-        problem.cell.zero_grad(set_to_none=True)
-        z, _ = ours(*problem.inputs, z0=problem.z0)
-        return (z * weight).sum()
+        def loss_ours() -> Tensor:
+            problem.cell.zero_grad(set_to_none=True)
+            z, _ = ours(*problem.inputs, z0=problem.z0)
+            return (z * weight).sum()
 
-    def loss_theirs() -> Tensor:
-        problem.cell.zero_grad(set_to_none=True)
-        z, _ = theirs(lambda z: counted(z, *problem.inputs), problem.z0)
-        return (z[-1] * weight).sum()
+        def loss_theirs() -> Tensor:
+            problem.cell.zero_grad(set_to_none=True)
+            z, _ = theirs(lambda z: problem.cell(z, *problem.inputs), problem.z0)
+            return (z[-1] * weight).sum()
 
-    losses = {"ours": loss_ours, "theirs": loss_theirs}
-    steps = {k: (lambda fn=fn: fn().backward()) for k, fn in losses.items()}
-    step_times = _alternate(steps, cfg["repeats"], ctx.device)
-    backward_times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    for i in range(cfg["repeats"]):
-        order = list(losses.items())
-        for key, fn in order if i % 2 == 0 else order[::-1]:
-            loss = fn()
-            t0 = time.perf_counter()
+        losses = {"ours": loss_ours, "theirs": loss_theirs}
+        steps = {k: (lambda fn=fn: fn().backward()) for k, fn in losses.items()}
+        step_times = _alternate(steps, cfg["repeats"], ctx.device)
+        backward_times: dict[str, list[float]] = {"ours": [], "theirs": []}
+        for i in range(cfg["repeats"]):
+            order = list(losses.items())
+            for key, fn in order if i % 2 == 0 else order[::-1]:
+                loss = fn()
+                t0 = time.perf_counter()
+                loss.backward()
+                if ctx.is_cuda:
+                    torch.cuda.synchronize(ctx.device)
+                backward_times[key].append(time.perf_counter() - t0)
+        record: dict[str, Any] = {}
+        grads = {}
+        for key, fn in losses.items():
+            with SavedTensors(exclude=params) as saved:
+                loss = fn()
+            counted.reset()
             loss.backward()
-            if ctx.is_cuda:
-                torch.cuda.synchronize(ctx.device)
-            backward_times[key].append(time.perf_counter() - t0)
-    record: dict[str, Any] = {}
-    grads = {}
-    for key, fn in losses.items():
-        with SavedTensors(exclude=params) as saved:
-            loss = fn()
-        counted.reset()
-        loss.backward()
-        reverse_passes = counted.reverse_calls
-        grads[key] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
-        # Gradients are cleared before the measurement, not inside it: freeing them in the
-        # measured window would lower the peak by whatever the previous step left behind.
-        memory = peak_bytes(
-            lambda _, fn=fn: fn().backward(),
-            ctx.device,
-            setup=lambda: problem.cell.zero_grad(set_to_none=True),
+            reverse_passes = counted.reverse_calls
+            grads[key] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+            # Gradients are cleared before the measurement, not inside it: freeing them in the
+            # measured window would lower the peak by whatever the previous step left behind.
+            memory = peak_bytes(
+                lambda _, fn=fn: fn().backward(),
+                ctx.device,
+                setup=lambda: problem.cell.zero_grad(set_to_none=True),
+            )
+            record.update(
+                {
+                    f"{key}_step_time_s": statistics.median(step_times[key]),
+                    f"{key}_backward_time_s": statistics.median(backward_times[key]),
+                    f"{key}_step_samples_s": step_times[key],
+                    f"{key}_backward_samples_s": backward_times[key],
+                    f"{key}_reverse_passes": reverse_passes,
+                    f"{key}_saved_bytes": saved.nbytes,
+                    f"{key}_peak_bytes": memory["peak_bytes"],
+                }
+            )
+        cosine = float(torch.nn.functional.cosine_similarity(grads["ours"], grads["theirs"], dim=0))
+        suite.add(
+            kind="training",
+            problem=problem.name,
+            **problem.info,
+            backward=backward,
+            **record,
+            step_time_ratio=paired_ratio(step_times["ours"], step_times["theirs"]),
+            backward_time_ratio=paired_ratio(backward_times["ours"], backward_times["theirs"]),
+            step_time_ratio_q25=_lower_quartile(step_times["ours"], step_times["theirs"]),
+            backward_time_ratio_q25=_lower_quartile(
+                backward_times["ours"], backward_times["theirs"]
+            ),
+            peak_ratio=record["ours_peak_bytes"] / max(record["theirs_peak_bytes"], 1),
+            gradient_cosine_ours_vs_theirs=cosine,
         )
-        record.update(
-            {
-                f"{key}_step_time_s": statistics.median(step_times[key]),
-                f"{key}_backward_time_s": statistics.median(backward_times[key]),
-                f"{key}_step_samples_s": step_times[key],
-                f"{key}_backward_samples_s": backward_times[key],
-                f"{key}_reverse_passes": reverse_passes,
-                f"{key}_saved_bytes": saved.nbytes,
-                f"{key}_peak_bytes": memory["peak_bytes"],
-            }
-        )
-    cosine = float(torch.nn.functional.cosine_similarity(grads["ours"], grads["theirs"], dim=0))
-    suite.add(
-        kind="training",
-        problem=problem.name,
-        **problem.info,
-        backward=backward,
-        **record,
-        step_time_ratio=paired_ratio(step_times["ours"], step_times["theirs"]),
-        backward_time_ratio=paired_ratio(backward_times["ours"], backward_times["theirs"]),
-        step_time_ratio_q25=_lower_quartile(step_times["ours"], step_times["theirs"]),
-        backward_time_ratio_q25=_lower_quartile(backward_times["ours"], backward_times["theirs"]),
-        peak_ratio=record["ours_peak_bytes"] / max(record["theirs_peak_bytes"], 1),
-        gradient_cosine_ours_vs_theirs=cosine,
-    )
 
 
 def _lower_quartile(ours: list[float], theirs: list[float]) -> float:

@@ -383,7 +383,8 @@ def _summarise(
     suite.tables.append(("One evaluation of f (no grad)", ["problem", "batch", "ms"], f_rows))
     suite.notes.append(
         "Solvers use their defaults (Anderson history_size=5, regularization=1e-6; Broyden "
-        "memory=10) with atol=0, so each solve stops per sample at ||f(z)-z|| <= rtol ||f(z)||. "
+        "history_size=10) with atol=0, so each solve stops per sample at "
+        "||f(z)-z|| <= rtol ||f(z)||. "
         "Overhead inline = solve time / time spent inside f during that same solve; overhead "
         "isolated = solve time / (f evals x median time of one f call timed alone just before "
         "the solve). The inline figure is the primary one: both of its terms come from the same "

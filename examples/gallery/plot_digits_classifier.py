@@ -77,8 +77,7 @@ train_idx, test_idx = train_test_split(
     torch.arange(len(labels)), test_size=0.25, stratify=labels, random_state=settings.seed
 )
 train_idx = train_idx[: settings.train_size]
-mean, std = images[train_idx].mean(), images[train_idx].std()
-images = (images - mean) / std
+images = (images - images[train_idx].mean()) / images[train_idx].std()
 train_set = torch.utils.data.TensorDataset(images[train_idx], labels[train_idx])
 test_images, test_labels = images[test_idx], labels[test_idx]
 print(f"{len(train_set)} training and {len(test_labels)} test images")
@@ -162,11 +161,6 @@ variants = {
     "phantom gradient": dict(backward=il.PhantomGradient(steps=5, mixing=0.5)),
     "explicit": dict(backward=None, depth=settings.explicit_depth),
 }
-n_params = {}
-for name, spec in variants.items():
-    model = Classifier(spec["backward"], spec.get("depth", 0))
-    n_params[name] = sum(p.numel() for p in model.parameters())
-    print(f"{name:24s} {n_params[name]} parameters")
 
 # %%
 # Training and evaluation
@@ -181,22 +175,22 @@ for name, spec in variants.items():
 # epoch count training only.
 
 
+def mean(values: torch.Tensor) -> float:
+    return values.float().mean().item()
+
+
 @torch.no_grad()
 def evaluate(model: Classifier) -> dict[str, float]:
     model.eval()
     logits, out = model(test_images)
-    record = {"accuracy": (logits.argmax(1) == test_labels).float().mean().item()}
-    if out is None:
-        nan = float("nan")
-        record.update(iterations=model.depth, converged=nan, radius=nan, radius_settled=nan)
-    else:
+    record = {"accuracy": mean(logits.argmax(1) == test_labels), "iterations": model.depth}
+    nan = float("nan")
+    record |= {"converged": nan, "radius": nan, "radius_settled": nan}
+    if out is not None:
         _, probe = model(test_images[: settings.radius_batch], spectral_radius=True)
-        record.update(
-            iterations=out.result.n_steps.float().mean().item(),
-            converged=out.result.converged.float().mean().item(),
-            radius=probe.spectral_radius.radius.mean().item(),
-            radius_settled=probe.spectral_radius.converged.float().mean().item(),
-        )
+        record |= {"iterations": mean(out.result.n_steps), "converged": mean(out.result.converged)}
+        record["radius"] = mean(probe.spectral_radius.radius)
+        record["radius_settled"] = mean(probe.spectral_radius.converged)
     model.train()
     return record
 
@@ -210,57 +204,50 @@ def train(backward: il.AbstractBackward | None, depth: int = 0, penalty: float =
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=settings.batch_size, shuffle=True, generator=shuffle
     )
-    history = [{**evaluate(model), "seconds": float("nan")}]
-    print("  epoch  0:", ", ".join(f"{key} {value:.3g}" for key, value in history[-1].items()))
-    for _ in range(settings.epochs):
+    history = []
+    for epoch in range(settings.epochs + 1):  # epoch 0: the initial weights
         start = time.perf_counter()
-        for batch, target in loader:
-            logits, out = model(batch, jacobian_penalty=1 if penalty else 0)
-            loss = nn.functional.cross_entropy(logits, target)
-            if penalty:
-                loss = loss + penalty * out.jacobian_penalty.mean() / out.z[0].numel()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        schedule.step()
-        seconds = time.perf_counter() - start
+        if epoch:
+            for batch, target in loader:
+                logits, out = model(batch, jacobian_penalty=1 if penalty else 0)
+                loss = nn.functional.cross_entropy(logits, target)
+                if penalty:
+                    loss = loss + penalty * out.jacobian_penalty.mean() / out.z[0].numel()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            schedule.step()
+        seconds = time.perf_counter() - start if epoch else float("nan")
         history.append({**evaluate(model), "seconds": seconds})
-        print(
-            f"  epoch {len(history) - 1:2d}:",
-            ", ".join(f"{key} {value:.3g}" for key, value in history[-1].items()),
-        )
-    return history
+        print(f"  epoch {epoch:2d}:", ", ".join(f"{k} {v:.3g}" for k, v in history[-1].items()))
+    return sum(p.numel() for p in model.parameters()), history
 
 
-histories = {}
+runs = {}
 for name, spec in variants.items():
     print(name)
-    histories[name] = train(**spec)
+    runs[name] = train(**spec)
 
 # %%
 # Results
 # -------
 
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
-for name, history in histories.items():
-    epochs = range(len(history))
+for name, (_, history) in runs.items():
     for ax, key in zip(axes, ("accuracy", "iterations", "radius"), strict=True):
-        ax.plot(epochs, [h[key] for h in history], marker=".", label=name)
+        ax.plot([h[key] for h in history], marker=".", label=name)
 axes[0].set(xlabel="epoch", ylabel="test accuracy", ylim=(0.8, 1.0))
 axes[1].set(xlabel="epoch", ylabel="forward iterations per sample")
 axes[2].set(xlabel="epoch", ylabel=r"mean spectral radius $\rho(J_f(z^\star))$")
 axes[0].legend()
 plt.show()
 
-print(
-    f"{'variant':24s} {'params':>6s} {'accuracy':>8s} {'iterations':>12s} "
-    f"{'converged':>12s} {'radius':>12s} {'s/epoch':>7s}"
-)
-for name, history in histories.items():
+print(f"{'variant':24s} params accuracy   iterations    converged       radius s/epoch")
+for name, (params, history) in runs.items():
     first, last = history[1], history[-1]
     seconds = sum(h["seconds"] for h in history[1:]) / settings.epochs
     print(
-        f"{name:24s} {n_params[name]:6d} {last['accuracy']:8.3f} "
+        f"{name:24s} {params:6d} {last['accuracy']:8.3f} "
         f"{first['iterations']:5.1f} -> {last['iterations']:4.1f} "
         f"{first['converged']:5.2f} -> {last['converged']:4.2f} "
         f"{first['radius']:5.3f} -> {last['radius']:4.3f} {seconds:7.2f}"

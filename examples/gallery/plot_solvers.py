@@ -31,9 +31,9 @@ z0 = torch.zeros(batch, n)
 shared = dict(max_iter=300, atol=0.0, rtol=1e-6, trace=True)
 solvers = {
     "Picard": il.Picard(**shared),
-    "Picard, damping 0.5": il.Picard(damping=0.5, **shared),
+    "Picard, mixing 0.5": il.Picard(mixing=0.5, **shared),
     "Anderson, m = 5": il.Anderson(history_size=5, **shared),
-    "Broyden, memory 20": il.Broyden(memory=20, **shared),
+    "Broyden, history_size 20": il.Broyden(history_size=20, **shared),
 }
 
 

@@ -6,10 +6,12 @@ Subclass :class:`AbstractBackward` and implement ``adjoint`` to plug in your own
 from ._base import VJP, AbstractBackward
 from ._implicit import ImplicitDifferentiation
 from ._jfb import JFB
+from ._names import BACKWARDS
 from ._neumann import Neumann
 from ._phantom import NeumannPhantom, PhantomGradient
 
 __all__ = [
+    "BACKWARDS",
     "JFB",
     "VJP",
     "AbstractBackward",

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from typing_extensions import Self
 
 from .._repr import compact_repr
 from .._result import SolverResult
+from .._validate import KeywordHint, check_renamed
 
 __all__ = ["VJP", "AbstractBackward"]
 
@@ -48,7 +50,20 @@ class AbstractBackward(abc.ABC):
     :math:`u` with :math:`z^\star` held fixed (so :class:`~implicitlayers.JFB` gives the
     second derivative of the one-step map :math:`f(z^\star, x)`), unless the rule is
     :attr:`exact`, in which case they are the exact second derivatives of the fixed point.
+
+    A keyword renamed before 1.0 (``ImplicitDifferentiation``'s ``on_max_iter``) or named
+    differently elsewhere (torchdeq's ``tau`` for the phantom rules' ``mixing``) raises a
+    ``TypeError`` that says what to pass.
     """
+
+    #: Keywords renamed before 1.0 or named differently elsewhere (torchdeq's ``tau``), each
+    #: mapped as in :class:`~implicitlayers.solvers.AbstractSolver`'s ``_renamed``.
+    _renamed: ClassVar[Mapping[str, KeywordHint]] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        # As for the solvers: one check for every rule, the dataclass machinery untouched.
+        check_renamed(cls, kwargs, cls._renamed)
+        return super().__new__(cls)
 
     def __repr__(self) -> str:
         return compact_repr(self)
@@ -251,8 +266,9 @@ def _exact_second_order(
                 )
                 for i, c in zip(moving, corrections, strict=True):
                     if c is not None:
-                        p = total[i]
-                        total[i] = c if p is None else p + c
+                        # partial[i] is a tensor: allow_unused gives None by the graph alone,
+                        # so where held[i] is one (i is moving), partial[i] is one too.
+                        total[i] = total[i] + c
     by_id = {id(t): g for t, g in zip(wanted, total, strict=True)}
     return [by_id.get(id(t)) for t in leaves]
 

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from types import MappingProxyType
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from .._errors import ConvergenceError, ConvergenceWarning
 from .._fixed_point import fixed_point
+from .._lookup import lookup
 from .._result import SolverResult, Status
-from .._validate import check_choice
+from .._validate import KeywordHint, check_choice
+from .._warn import warn_at_caller
 from ..linear import GMRES, AbstractLinearSolver
 from ..solvers import AbstractSolver
-from ..solvers._names import as_solver
+from ..solvers._names import SOLVERS
 from ._base import VJP, AbstractBackward
 
 __all__ = ["ImplicitDifferentiation"]
@@ -26,6 +29,13 @@ Policy = Literal["ignore", "warn", "raise"]
 
 def _default_adjoint_solver() -> AbstractLinearSolver:
     return GMRES(max_iter=200, rtol=1e-6, atol=1e-10, restart=20)
+
+
+#: The names ``ImplicitDifferentiation(solver=...)`` accepts: the default linear solver and the
+#: fixed-point solvers (read-only).
+ADJOINT_SOLVERS: Mapping[str, Callable[[], AbstractSolver | AbstractLinearSolver]] = (
+    MappingProxyType({"gmres": _default_adjoint_solver, **SOLVERS})
+)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -54,10 +64,12 @@ class ImplicitDifferentiation(AbstractBackward):
 
     Args:
         solver: The adjoint solver: an :class:`~implicitlayers.linear.AbstractLinearSolver`
-            (default ``GMRES(max_iter=200, rtol=1e-6, atol=1e-10, restart=20)``) or an
-            :class:`~implicitlayers.solvers.AbstractSolver` or its name. The solver's own
-            ``on_max_iter`` / ``on_nonfinite`` policies are not used: ``on_unconverged``
-            decides.
+            (default ``GMRES(max_iter=200, rtol=1e-6, atol=1e-10, restart=20)``, also named
+            ``"gmres"``) or an :class:`~implicitlayers.solvers.AbstractSolver`, or a name:
+            ``"gmres"``, ``"picard"``, ``"anderson"``, ``"broyden"`` (each with its default
+            configuration). The solver's own
+            ``on_unconverged`` / ``on_nonfinite`` policies are not used: this rule's
+            ``on_unconverged`` decides.
         fallback_to_jfb: Samples whose adjoint solve failed (status ``NONFINITE``,
             ``DIVERGED`` or ``BREAKDOWN``) use the JFB vector :math:`u = g`; samples that only
             reached ``max_iter`` keep their best iterate. With ``False`` every sample keeps
@@ -84,9 +96,18 @@ class ImplicitDifferentiation(AbstractBackward):
     fallback_to_jfb: bool = True
     on_unconverged: Policy = "warn"
 
+    _renamed: ClassVar[Mapping[str, KeywordHint]] = {
+        "on_max_iter": lambda value: (
+            f"on_unconverged={value!r} (the same values; it covers every sample whose adjoint "
+            "did not converge, as the solvers' on_unconverged covers the forward)"
+        ),
+    }
+
     def __post_init__(self) -> None:
-        if not isinstance(self.solver, AbstractLinearSolver):
-            object.__setattr__(self, "solver", as_solver(self.solver, "solver"))
+        solver = lookup(
+            self.solver, "solver", ADJOINT_SOLVERS, (AbstractLinearSolver, AbstractSolver)
+        )
+        object.__setattr__(self, "solver", solver)
         if not isinstance(self.fallback_to_jfb, bool):
             raise TypeError(f"fallback_to_jfb must be a bool, got {self.fallback_to_jfb!r}")
         check_choice("on_unconverged", self.on_unconverged, ("ignore", "warn", "raise"))
@@ -109,7 +130,7 @@ class ImplicitDifferentiation(AbstractBackward):
                 result = solver.solve(matvec, grad.to(work))
             result = dataclasses.replace(result, z=result.z.to(grad.dtype))
         else:
-            quiet = dataclasses.replace(solver, on_max_iter="ignore", on_nonfinite="ignore")
+            quiet = dataclasses.replace(solver, on_unconverged="ignore", on_nonfinite="ignore")
             result = fixed_point(lambda u: vjp(u) + grad, grad, solver=quiet)
         u: Tensor = result.z
         if self.fallback_to_jfb:
@@ -123,13 +144,28 @@ class ImplicitDifferentiation(AbstractBackward):
     def _report(self, result: SolverResult) -> None:
         if self.on_unconverged == "ignore" or bool(result.converged.all()):
             return
+        if isinstance(self.solver, AbstractLinearSolver):
+            advice = (
+                "its residual ||g - (I - J^T) u|| stayed above atol + rtol * ||g||. Raise the "
+                "adjoint solver's max_iter, or its restart if it has one (restarted GMRES can "
+                "stagnate; a larger Krylov space per cycle helps), or loosen its rtol; an "
+                "eigenvalue of J near 1 makes the system ill-conditioned "
+                "(implicitlayers.diagnostics.spectral_radius estimates rho(J)): regularise f "
+                "towards a contraction."
+            )
+        else:
+            advice = (
+                "its residual ||J^T u + g - u|| stayed above the tolerance. "
+                "implicitlayers.diagnostics.spectral_radius tells whether rho(J) >= 1, where "
+                "a fixed-point solver cannot converge. Give the adjoint solver a larger "
+                "max_iter, use GMRES (solver='gmres': it needs only I - J^T invertible), or "
+                "regularise f towards a contraction."
+            )
         message = (
             f"{self!r}: the adjoint solve did not converge for some samples, so their "
-            "gradients are inexact (DEQ.last_backward_result holds the statuses; "
-            "implicitlayers.diagnostics.spectral_radius tells whether rho(J) >= 1). Give the "
-            "adjoint solver a larger max_iter, use GMRES, or regularise f towards a "
-            "contraction. This warning is shown once per rule."
+            f"gradients are inexact (DEQ.last_backward_result holds the statuses): {advice} "
+            "This warning is shown once per rule."
         )
         if self.on_unconverged == "raise":
             raise ConvergenceError(message + "\n" + result.summary(), result)
-        warnings.warn(message, ConvergenceWarning, stacklevel=2)
+        warn_at_caller(message, ConvergenceWarning)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from .._lookup import lookup
@@ -11,12 +13,15 @@ from ._jfb import JFB
 from ._neumann import Neumann
 from ._phantom import PhantomGradient
 
-BACKWARDS: dict[str, type[AbstractBackward]] = {
-    "jfb": JFB,
-    "neumann": Neumann,
-    "implicit": ImplicitDifferentiation,
-    "phantom": PhantomGradient,
-}
+#: The names the string forms accept, and the class each names (read-only).
+BACKWARDS: Mapping[str, type[AbstractBackward]] = MappingProxyType(
+    {
+        "jfb": JFB,
+        "neumann": Neumann,
+        "implicit": ImplicitDifferentiation,
+        "phantom": PhantomGradient,
+    }
+)
 
 
 def as_backward(backward: Any, argument: str = "backward") -> AbstractBackward:

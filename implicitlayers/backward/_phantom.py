@@ -3,30 +3,48 @@ Neumann series."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._result import SolverResult
-from .._validate import check_float, check_int
+from .._validate import KeywordHint, check_float, check_int, from_damping
 from ._base import VJP, AbstractBackward, FlatFn, OnResult, _ValueOfFirst
 
 __all__ = ["NeumannPhantom", "PhantomGradient"]
 
 
-def _check(count_name: str, count: int, mixing: float) -> None:
-    check_int(count_name, count, minimum=1)
+def _from_tau(tau: Any) -> str:
+    return (
+        f"mixing={tau!r} (the same weight: lambda in z <- (1 - lambda) z + lambda f(z), the "
+        "weight of f(z), as Picard's and Anderson's mixing)"
+    )
+
+
+#: torchdeq's name for the weight, and the former solvers' damping (the weight of z).
+_RENAMED: Mapping[str, KeywordHint] = {
+    "tau": ("is torchdeq's name for the damped step's weight", _from_tau),
+    "damping": (
+        "is not a keyword (the damped step's weight is mixing, the weight of f(z))",
+        lambda damping: from_damping(damping, as_in="Picard and Anderson"),
+    ),
+}
+
+
+def _check(count_name: str, count: int, minimum: int, mixing: float) -> None:
+    check_int(count_name, count, minimum=minimum)
     check_float("mixing", mixing, low=0.0, high=1.0, low_open=True)
 
 
 def _damped_neumann(vjp: VJP, grad: Tensor, terms: int, mixing: float) -> Tensor:
-    r""":math:`\lambda \sum_{i=0}^{k-1} ((1 - \lambda) I + \lambda J^\top)^i g`, with
-    :math:`k - 1` VJPs and differentiable operations only."""
+    r""":math:`\lambda \sum_{i=0}^{k} ((1 - \lambda) I + \lambda J^\top)^i g` for
+    :math:`k` = ``terms``, with :math:`k` VJPs and differentiable operations only."""
     v = grad
     total = grad
-    for _ in range(terms - 1):
+    for _ in range(terms):
         # mixing == 1 skips the 0 * v term: the plain Neumann series, operation for operation.
         v = vjp(v) if mixing == 1.0 else (1.0 - mixing) * v + mixing * vjp(v)
         total = total + v
@@ -53,7 +71,7 @@ class PhantomGradient(AbstractBackward):
             \frac{\partial f(z_i, x; \theta)}{\partial \theta}.
 
     At an exact fixed point every :math:`z_i` equals :math:`z^\star`, so this is
-    :class:`NeumannPhantom` with ``terms=steps``; it tends to the exact gradient as
+    :class:`NeumannPhantom` with ``terms=steps - 1``; it tends to the exact gradient as
     :math:`k \to \infty` at the rate :math:`\rho((1 - \lambda) I + \lambda J)^k`.
     ``PhantomGradient(steps=1, mixing=1.0)`` is :class:`~implicitlayers.JFB`. torchdeq calls
     this ``grad=k`` with damping ``tau`` :math:`= \lambda` (it returns :math:`z_k`'s value;
@@ -89,17 +107,19 @@ class PhantomGradient(AbstractBackward):
     steps: int = 5
     mixing: float = 0.5
 
+    _renamed: ClassVar[Mapping[str, KeywordHint]] = _RENAMED
+
     def __post_init__(self) -> None:
-        _check("steps", self.steps, self.mixing)
+        _check("steps", self.steps, 1, self.mixing)
 
     def adjoint(self, vjp: VJP, grad: Tensor) -> tuple[Tensor, SolverResult | None]:
         r"""The vector this rule's gradient is at an exact fixed point: that of
-        :class:`NeumannPhantom` with ``terms=steps``.
+        :class:`NeumannPhantom` with ``terms=steps - 1``.
 
         :meth:`attach` does not call it (it unrolls ``f`` instead); it serves code that drives
         rules through :meth:`~implicitlayers.backward.AbstractBackward.adjoint` directly.
         """
-        return _damped_neumann(vjp, grad, self.steps, self.mixing), None
+        return _damped_neumann(vjp, grad, self.steps - 1, self.mixing), None
 
     def attach(
         self,
@@ -132,36 +152,36 @@ class NeumannPhantom(AbstractBackward):
 
     .. math::
 
-        u = \lambda \sum_{i=0}^{k-1} B^i g, \qquad
+        u = \lambda \sum_{i=0}^{k} B^i g, \qquad
         \frac{\partial L}{\partial \theta} \approx
             u^\top \frac{\partial f(z^\star, x; \theta)}{\partial \theta},
 
-    computed with :math:`k - 1` vector-Jacobian products. Since
+    computed with :math:`k` vector-Jacobian products. Since
     :math:`\lambda \sum_{i \ge 0} B^i = (I - J^\top)^{-1}`, the error is
-    :math:`B^k (I - J^\top)^{-1} g`: it tends to the exact gradient when the spectral radius
+    :math:`B^{k+1} (I - J^\top)^{-1} g`: it tends to the exact gradient when the spectral radius
     :math:`\rho(B) < 1`, which holds for small enough :math:`\lambda` whenever the eigenvalues
     of :math:`J` have real part below one, even where :class:`~implicitlayers.Neumann`
-    (:math:`\lambda = 1`) diverges. ``mixing=1.0`` is ``Neumann(terms=terms - 1)`` and
-    ``terms=1`` is :class:`~implicitlayers.JFB` scaled by :math:`\lambda`. At an exact fixed
-    point it gives the gradient of :class:`PhantomGradient` with ``steps=terms``, keeping the
+    (:math:`\lambda = 1`) diverges. ``terms`` means what it means for
+    :class:`~implicitlayers.Neumann`: ``mixing=1.0`` is ``Neumann(terms=terms)``, and
+    ``terms=0`` is :class:`~implicitlayers.JFB` scaled by :math:`\lambda`. At an exact fixed
+    point it gives the gradient of :class:`PhantomGradient` with ``steps=terms + 1``, keeping the
     graph of one application of ``f`` instead of :math:`k`.
 
     Under ``create_graph=True`` the series is built from the graph-carrying VJPs, so
     second-order gradients are those of this formula with :math:`z^\star` held fixed.
 
     Args:
-        terms: :math:`k \ge 1`, the number of terms of the series (powers :math:`B^0` to
-            :math:`B^{k-1}`). Note the offset from :class:`~implicitlayers.Neumann`, whose
-            ``terms`` is the highest power kept.
+        terms: :math:`k \ge 0`, the highest power of :math:`B` kept (as for
+            :class:`~implicitlayers.Neumann`); :math:`k` VJPs.
         mixing: :math:`\lambda \in (0, 1]`, the weight of :math:`f(z)` in the damped step (as
             :class:`~implicitlayers.Anderson`'s ``mixing``).
 
     Example:
         >>> import torch
         >>> from implicitlayers.backward import NeumannPhantom
-        >>> rule = NeumannPhantom(terms=3, mixing=0.5)
+        >>> rule = NeumannPhantom(terms=2, mixing=0.5)
         >>> rule
-        NeumannPhantom(terms=3)
+        NeumannPhantom(terms=2)
         >>> J = torch.tensor([[0.0, 0.5], [0.5, 0.0]])
         >>> g = torch.tensor([[1.0, 0.0]])
         >>> u, _ = rule.adjoint(lambda v: v @ J, g)  # v^T J for row vectors
@@ -173,8 +193,10 @@ class NeumannPhantom(AbstractBackward):
     terms: int = 5
     mixing: float = 0.5
 
+    _renamed: ClassVar[Mapping[str, KeywordHint]] = _RENAMED
+
     def __post_init__(self) -> None:
-        _check("terms", self.terms, self.mixing)
+        _check("terms", self.terms, 0, self.mixing)
 
     def adjoint(self, vjp: VJP, grad: Tensor) -> tuple[Tensor, SolverResult | None]:
         return _damped_neumann(vjp, grad, self.terms, self.mixing), None

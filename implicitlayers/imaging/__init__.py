@@ -1,6 +1,7 @@
 r"""Imaging: the DE-GRAD deblurring domain (Gilton, Ongie & Willett, 2021).
 
-Forward operators with exact adjoints (:class:`GaussianBlur`), the DE-GRAD cell
+Forward operators with exact adjoints (the base class :class:`LinearOperator`, with its
+adjoint self-test, and :class:`GaussianBlur`), the DE-GRAD cell
 :math:`T(x; d) = x - \eta (A^\top (A x - d) + R_\theta(x))` (:class:`DEGRADCell`), DnCNN
 regularisers (:class:`DnCNN`, and the provably contractive :class:`ContractiveDnCNN`),
 batched metrics (:func:`psnr`, :func:`ssim`), Lipschitz tools, and the classical baselines of
@@ -23,11 +24,13 @@ References:
 
 from ._baselines import direct_inverse, gradient_descent, operator_norm, pnp_deblur, tv_deblur
 from ._cg import conjugate_gradient, tikhonov_cg
+from ._contractive import ContractiveDnCNN, NormalizedConv2d
 from ._degrad import DEGRADCell
-from ._dncnn import ContractiveDnCNN, DnCNN, NormalizedConv2d
+from ._dncnn import DnCNN
+from ._linear_operator import LinearOperator
 from ._lipschitz import circular_conv_norm, estimate_lipschitz
 from ._metrics import psnr, psnr_paper, psnr_standard, ssim, ssim_standard
-from ._operators import GaussianBlur, LinearOperator, add_noise, gaussian_kernel
+from ._operators import GaussianBlur, add_noise, gaussian_kernel
 
 __all__ = [
     "ContractiveDnCNN",

@@ -3,6 +3,7 @@ total variation (Chambolle-Pock) and Plug-and-Play proximal gradient."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -10,22 +11,44 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validate import check_float, check_int
-from ._operators import LinearOperator
+from ._linear_operator import LinearOperator, check_operator
 
-__all__ = ["direct_inverse", "gradient_descent", "pnp_deblur", "tv_deblur"]
+__all__ = ["direct_inverse", "gradient_descent", "operator_norm", "pnp_deblur", "tv_deblur"]
 
 
 def operator_norm(operator: LinearOperator, like: Tensor, *, iters: int = 50) -> float:
-    r""":math:`\|A\|_2`: the operator's certified ``norm_bound()`` when it has one, else a
-    power-iteration estimate on :math:`A^\top A` at inputs shaped like ``like``."""
-    bound = getattr(operator, "norm_bound", None)
-    if callable(bound):
-        return float(bound())
+    r""":math:`\|A\|_2`, as the step sizes of the baselines need it.
+
+    The operator's certified :meth:`~LinearOperator.norm_bound` when it is finite; otherwise
+    (the default ``inf``) a power-iteration estimate on :math:`A^\top A` from a random
+    start shaped like ``like``,
+
+    .. math::
+
+        v_{k+1} = \frac{A^\top A v_k}{\|A^\top A v_k\|}, \qquad \hat L = \|A v_K\|
+        \le \|A\|_2,
+
+    which approaches the norm from below.
+
+    Args:
+        operator: :math:`A`, a :class:`LinearOperator`.
+        like: A tensor shaped like the operator's inputs (only its shape, dtype and device
+            are used).
+        iters: Power iterations :math:`K` when there is no finite bound.
+
+    Returns:
+        The bound or the estimate, as a Python float.
+    """
+    check_operator("operator", operator)
+    check_int("iters", iters, minimum=1)
+    bound = float(operator.norm_bound())
+    if math.isfinite(bound):
+        return bound
     with torch.no_grad():
         v = torch.randn_like(like)
         v = v / v.norm()
         for _ in range(iters):
-            w = operator.adjoint(operator(v))
+            w = operator.normal(v)
             v = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)
         return float(operator(v).norm())
 
@@ -51,7 +74,8 @@ def direct_inverse(operator: LinearOperator, d: Tensor, *, eps: float = 0.0) -> 
     :math:`\epsilon` (a Wiener-type filter) tempers that.
 
     Args:
-        operator: A blur with a ``transfer_function(height, width)`` method.
+        operator: A shift-invariant :class:`LinearOperator` with a
+            ``transfer_function(height, width)`` method (a :class:`GaussianBlur`).
         d: ``(B, C, H, W)`` measurements.
         eps: :math:`\epsilon \ge 0`.
 
@@ -66,6 +90,7 @@ def direct_inverse(operator: LinearOperator, d: Tensor, *, eps: float = 0.0) -> 
         >>> bool((direct_inverse(A, A(x)) - x).abs().max() < 1e-8)
         True
     """
+    check_operator("operator", operator)
     transfer = getattr(operator, "transfer_function", None)
     if not callable(transfer):
         raise TypeError(
@@ -113,7 +138,7 @@ def gradient_descent(
         d: ``(B, C, H, W)`` measurements.
         steps: Iterations.
         step_size: :math:`\tau`; default :math:`1 / (\|A\|^2 + \lambda)` (1 for a normalised
-            blur without Tikhonov term), using ``operator.norm_bound()`` when available.
+            blur without Tikhonov term), with :math:`\|A\|` from :func:`operator_norm`.
         tikhonov: :math:`\lambda \ge 0`.
         x0: Start; :math:`A^\top d` when ``None``.
         callback: Called as ``callback(k, x_k)`` after each step ``k = 1..steps``.
@@ -121,6 +146,7 @@ def gradient_descent(
     Returns:
         ``(B, C, H, W)`` reconstruction.
     """
+    check_operator("operator", operator)
     check_int("steps", steps, minimum=0)
     check_float("tikhonov", tikhonov, low=0.0)
     if step_size is None:
@@ -184,7 +210,7 @@ def tv_deblur(
     :math:`\tau = \sigma = 0.99 / L`.
 
     Args:
-        operator: :math:`A` (``norm_bound()`` is used when available, else a power estimate).
+        operator: :math:`A` (its norm from :func:`operator_norm`).
         d: ``(B, C, H, W)`` measurements.
         lam: :math:`\lambda > 0`.
         iters: Iterations.
@@ -193,6 +219,7 @@ def tv_deblur(
     Returns:
         ``(B, C, H, W)`` reconstruction.
     """
+    check_operator("operator", operator)
     check_float("lam", lam, low=0.0, low_open=True)
     check_int("iters", iters, minimum=0)
     lipschitz = (operator_norm(operator, d) ** 2 + 8.0) ** 0.5
@@ -248,6 +275,7 @@ def pnp_deblur(
     Returns:
         ``(B, C, H, W)`` reconstruction.
     """
+    check_operator("operator", operator)
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable as denoiser(x), got {denoiser!r}")
     check_int("iters", iters, minimum=0)

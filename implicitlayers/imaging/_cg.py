@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_float, check_int
-from ._operators import LinearOperator
+from ._linear_operator import LinearOperator, check_operator
 
 __all__ = ["batch_dot", "conjugate_gradient", "tikhonov_cg"]
 
@@ -115,7 +115,8 @@ def tikhonov_cg(
         \quad\Longleftrightarrow\quad (A^\top A + \lambda I)\, \hat x = A^\top d.
 
     Args:
-        operator: The forward operator :math:`A` (``operator(x)``, ``operator.adjoint(y)``).
+        operator: The forward operator :math:`A`, a :class:`LinearOperator` (its
+            :meth:`~LinearOperator.normal` applies :math:`A^\top A`).
         d: ``(B, C, H, W)`` measurements.
         lam: Ridge weight :math:`\lambda \ge 0`.
         steps: CG iterations.
@@ -134,9 +135,10 @@ def tikhonov_cg(
         >>> bool(r.norm() < 1e-8)
         True
     """
+    check_operator("operator", operator)
     check_float("lam", lam, low=0.0)
 
     def normal(x: Tensor) -> Tensor:
-        return operator.adjoint(operator(x)) + lam * x
+        return operator.normal(x) + lam * x
 
     return conjugate_gradient(normal, operator.adjoint(d), x0=x0, steps=steps)

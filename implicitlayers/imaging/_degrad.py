@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from .._validate import check_choice, check_float, check_int
 from ._cg import tikhonov_cg
-from ._dncnn import ContractiveDnCNN
-from ._operators import LinearOperator
+from ._contractive import ContractiveDnCNN
+from ._linear_operator import LinearOperator, check_operator
 
 __all__ = ["DEGRADCell"]
 
@@ -65,9 +65,10 @@ class DEGRADCell(nn.Module):
     (Fung et al., 2022). :meth:`lipschitz_bound` evaluates the bound.
 
     Args:
-        operator: The forward operator :math:`A` (e.g. :class:`GaussianBlur`); an
-            ``nn.Module`` operator is registered as a submodule so it follows ``.to()``.
-        regularizer: :math:`R_\theta` (or the denoiser :math:`D_\theta`), ``(B, C, H, W)`` to
+        operator: The forward operator :math:`A`, a :class:`LinearOperator` (e.g.
+            :class:`GaussianBlur`); it is registered as a submodule, so it follows ``.to()``.
+        regularizer: :math:`R_\theta` (or the denoiser :math:`D_\theta`, e.g.
+            ``DnCNN(residual=True)``, with ``residual_regularizer=True``), ``(B, C, H, W)`` to
             the same shape.
         step_size: Initial :math:`\eta > 0` (below ``max_step_size`` if that is given).
         clamp: ``(low, high)`` data range the output is clamped to, or ``None``. Only
@@ -104,11 +105,7 @@ class DEGRADCell(nn.Module):
         learn_step_size: bool = True,
     ) -> None:
         super().__init__()
-        if not callable(operator) or not callable(getattr(operator, "adjoint", None)):
-            raise TypeError(
-                "operator must be callable with an adjoint method (operator(x), "
-                f"operator.adjoint(y)), e.g. GaussianBlur; got {type(operator).__name__}"
-            )
+        check_operator("operator", operator)
         if not callable(regularizer):
             raise TypeError(f"regularizer must be an nn.Module or callable, got {regularizer!r}")
         if not isinstance(residual_regularizer, bool):
@@ -154,8 +151,9 @@ class DEGRADCell(nn.Module):
         :math:`1 - \eta(1 - \operatorname{Lip}(D))`.
 
         Args:
-            operator: :math:`A` with a ``norm_bound()`` method returning at most 1 (as
-                :class:`GaussianBlur` does).
+            operator: A :class:`LinearOperator` whose
+                :meth:`~LinearOperator.norm_bound` is at most 1 (as :class:`GaussianBlur`'s
+                is); the default bound, ``inf``, is refused.
             denoiser: A :class:`ContractiveDnCNN`.
             step_size: Initial :math:`\eta \in (0, 2/3)`.
             clamp: As in the constructor.
@@ -174,7 +172,7 @@ class DEGRADCell(nn.Module):
                 "denoiser must be a ContractiveDnCNN (its Lipschitz bound is what makes the "
                 f"cell contractive), got {type(denoiser).__name__}"
             )
-        _operator_norm_bound(operator)
+        _operator_norm_bound(check_operator("operator", operator))
         return cls(
             operator,
             denoiser,
@@ -261,17 +259,18 @@ class DEGRADCell(nn.Module):
         return 1.0 - eta * (1.0 - self.regularizer.lipschitz_bound())
 
 
-def _operator_norm_bound(operator: object) -> float:
-    bound = getattr(operator, "norm_bound", None)
-    if not callable(bound):
-        raise TypeError(
-            "the contraction argument needs ||A|| <= 1, certified by an operator.norm_bound() "
-            f"method (GaussianBlur has one); {type(operator).__name__} has none"
+def _operator_norm_bound(operator: LinearOperator) -> float:
+    value = float(operator.norm_bound())
+    name = type(operator).__name__
+    if math.isinf(value):
+        raise ValueError(
+            "the contraction argument needs a certified ||A|| <= 1, but "
+            f"{name}.norm_bound() = inf (LinearOperator's default: no bound known); override "
+            f"norm_bound() in {name} to return one"
         )
-    value = float(bound())
     if value > 1.0 + 1e-6:
         raise ValueError(
-            f"the contraction argument needs ||A|| <= 1, but operator.norm_bound() = {value}; "
+            f"the contraction argument needs ||A|| <= 1, but {name}.norm_bound() = {value}; "
             "rescale the operator (and the data) so its norm is at most 1"
         )
     return value

@@ -1,30 +1,17 @@
-r"""Linear forward operators with exact adjoints: the Gaussian blur of DE-GRAD, and noise."""
+r"""The Gaussian blur of DE-GRAD (a :class:`LinearOperator` with an exact adjoint), and noise."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._validate import check_float, check_int
+from ._linear_operator import LinearOperator
 
-__all__ = ["GaussianBlur", "LinearOperator", "add_noise", "gaussian_kernel"]
-
-
-@runtime_checkable
-class LinearOperator(Protocol):
-    r"""What the reconstruction code needs from a forward operator :math:`A`.
-
-    ``operator(x)`` applies :math:`A` and ``operator.adjoint(y)`` applies :math:`A^\top`, both
-    on batches whose leading dimension is the batch. :class:`GaussianBlur` is one; any object
-    with these two methods (an ``nn.Module`` or not) works.
-    """
-
-    def __call__(self, x: Tensor, /) -> Tensor: ...
-
-    def adjoint(self, y: Tensor, /) -> Tensor: ...
+__all__ = ["GaussianBlur", "add_noise", "gaussian_kernel"]
 
 
 def gaussian_kernel(
@@ -72,8 +59,9 @@ def gaussian_kernel(
     return kernel.to(dtype=dtype, device=device)
 
 
-class GaussianBlur(nn.Module):
-    r"""Per-channel Gaussian blur :math:`A`, with its exact adjoint :math:`A^\top`.
+class GaussianBlur(LinearOperator):
+    r"""Per-channel Gaussian blur :math:`A`, with its exact adjoint :math:`A^\top`: a
+    :class:`LinearOperator`.
 
     Each channel is correlated with the (symmetric) kernel :math:`k` of
     :func:`gaussian_kernel`. With ``circular=False`` (the default, and DE-GRAD's setting) the
@@ -161,10 +149,6 @@ class GaussianBlur(nn.Module):
         weight = self._weight(y, flip=False)
         return F.conv_transpose2d(y, weight, padding=self.kernel_size // 2, groups=self.channels)
 
-    def normal(self, x: Tensor) -> Tensor:
-        r"""The normal operator :math:`A^\top A x`."""
-        return self.adjoint(self.forward(x))
-
     def norm_bound(self) -> float:
         r"""A guaranteed upper bound on :math:`\|A\|_2`: :math:`\|k\|_1` (1 for a Gaussian).
 
@@ -227,15 +211,30 @@ class GaussianBlur(nn.Module):
             )
 
 
-def add_noise(y: Tensor, std: float, *, generator: torch.Generator | None = None) -> Tensor:
+def add_noise(
+    y: Tensor,
+    std: float,
+    *,
+    generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
+) -> Tensor:
     r"""Additive white Gaussian noise: :math:`d = y + \sigma \varepsilon`,
     :math:`\varepsilon \sim \mathcal{N}(0, I)`.
 
+    With ``seeds``, sample :math:`b` gets its own noise
+    :math:`\varepsilon_b` = ``torch.randn(y.shape[1:], generator=g_b, dtype=y.dtype)`` from a
+    CPU generator :math:`g_b` seeded with ``seeds[b]``, moved to ``y``'s device afterwards. An
+    image's measurement then depends only on its seed: not on the batch it is in, the batch
+    size, the number of processes or the device, so every method (and a resumed run) sees the
+    same measurements.
+
     Args:
-        y: Clean measurements, any shape.
+        y: Clean measurements, any shape (``(B, *S)`` with ``seeds``).
         std: Noise standard deviation :math:`\sigma \ge 0` (DE-GRAD: 0.01 for images in
             :math:`[-1, 1]`).
         generator: Optional ``torch.Generator`` (on ``y``'s device) for reproducible noise.
+        seeds: One integer seed per sample (``len(seeds) == y.shape[0]``), instead of
+            ``generator``.
 
     Returns:
         Noisy measurements, same shape, dtype and device as ``y``.
@@ -247,11 +246,32 @@ def add_noise(y: Tensor, std: float, *, generator: torch.Generator | None = None
         >>> d = add_noise(torch.zeros(1, 1, 64, 64), 0.01, generator=g)
         >>> abs(d.std().item() - 0.01) < 1e-3
         True
+        >>> y = torch.zeros(3, 1, 8, 8)
+        >>> batch = add_noise(y, 0.01, seeds=[7, 8, 9])
+        >>> torch.equal(batch[1:2], add_noise(y[1:2], 0.01, seeds=[8]))
+        True
     """
     if not isinstance(y, Tensor) or not y.is_floating_point():
         raise TypeError(f"y must be a floating-point tensor, got {type(y).__name__}")
     check_float("std", std, low=0.0)
-    noise = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+    if seeds is None:
+        noise = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+        return y + std * noise
+    if generator is not None:
+        raise ValueError("pass either generator or seeds to add_noise, not both")
+    seeds = list(seeds)
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise TypeError(f"seeds must be a sequence of ints, one per sample, got {seeds!r}")
+    if y.dim() == 0 or len(seeds) != y.shape[0]:
+        raise ValueError(
+            f"seeds must hold one seed per sample (y.shape[0] of them): got {len(seeds)} "
+            f"seeds for y of shape {tuple(y.shape)}"
+        )
+    draws = [
+        torch.randn(y.shape[1:], generator=torch.Generator().manual_seed(s), dtype=y.dtype)
+        for s in seeds
+    ]
+    noise = torch.stack(draws).to(y.device) if draws else torch.empty_like(y)
     return y + std * noise
 
 

@@ -66,6 +66,7 @@ class AbstractLinearSolver(abc.ABC):
         Returns:
             A :class:`~implicitlayers.SolverResult` with the ``(B, n)`` solution ``z``, per-sample
             ``status``, ``converged``, ``n_steps`` (matvecs each sample received) and the true
-            ``residual`` :math:`\|r_b - A_b x_b\|` at the returned ``z``, and ``n_f_evals``
-            (calls of ``matvec``).
+            ``residual`` :math:`\|r_b - A_b x_b\|` at the returned ``z``, ``n_f_evals``
+            (calls of ``matvec``) and ``linear=True`` (so that its summary words the statuses
+            for a linear system).
         """

@@ -155,6 +155,7 @@ class GMRES(AbstractLinearSolver):
             n_steps=run.n_steps,
             residual=run.best_res,
             n_f_evals=n_f_evals,
+            linear=True,
         )
 
 

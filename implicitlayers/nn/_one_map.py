@@ -5,7 +5,8 @@ then once more with autograd on at the detached fixed point. Two common ingredie
 change the function from one call to the next: parametrized weights
 (``torch.nn.utils.parametrizations.spectral_norm`` recomputes :math:`W / \sigma(W)` and, in
 training mode, advances its power iteration at every access; ``weight_norm`` recomputes
-:math:`g\, v / \lVert v \rVert`) and dropout masks. :func:`one_map` freezes both for the
+:math:`g\, v / \lVert v \rVert`) and dropout masks; so does the power iteration of
+:class:`~implicitlayers.imaging.NormalizedConv2d`. :func:`one_map` freezes all three for the
 duration of one forward.
 """
 
@@ -48,12 +49,17 @@ def one_map(module: nn.Module) -> Iterator[None]:
        :class:`~implicitlayers.nn.VariationalDropout` and
        :class:`~implicitlayers.nn.VariationalDropout2d`, so the first call draws a new mask
        that every later call, the differentiable one included, reuses.
+    3. advances the power iteration of every
+       :class:`~implicitlayers.imaging.NormalizedConv2d` once (in training mode, with
+       autograd enabled, as one plain forward of the layer would) and freezes its vector
+       until the context exits, so that the solve and the differentiable application divide
+       by the same :math:`\hat\sigma`.
 
-    In training mode, ``spectral_norm``'s power iteration therefore advances exactly once per
-    context, at entry, as it does once per forward of an ordinary network, instead of once per
-    solver iteration. The cached tensors are dropped when the outermost
-    :func:`~torch.nn.utils.parametrize.cached` context exits; the autograd graph keeps what the
-    backward pass needs.
+    In training mode, ``spectral_norm``'s power iteration (and ``NormalizedConv2d``'s)
+    therefore advances exactly once per context, at entry, as it does once per forward of an
+    ordinary network, instead of once per solver iteration. The cached tensors are dropped
+    when the outermost :func:`~torch.nn.utils.parametrize.cached` context exits; the autograd
+    graph keeps what the backward pass needs.
 
     Nesting is harmless: a module already covered by an active ``one_map`` (itself or through
     a parent) is left alone, so an inner ``one_map`` neither redraws masks nor refills the
@@ -118,6 +124,13 @@ def one_map(module: nn.Module) -> Iterator[None]:
             for m in fresh.values():
                 if isinstance(m, _VariationalDropoutBase):
                     m.reset_mask()
+            for m in fresh.values():
+                # Layers with a per-forward state of their own (NormalizedConv2d's power
+                # vector): one update on entry, none until the context exits.
+                enter, leave = getattr(m, "_enter_one_map", None), getattr(m, "_exit_one_map", None)
+                if callable(enter) and callable(leave):
+                    stack.callback(leave)
+                    enter()
             yield
     finally:
         _ACTIVE.difference_update(ids)

@@ -6,6 +6,7 @@ Subclass :class:`AbstractSolver` and implement ``init`` and ``step`` to plug in 
 from ._anderson import Anderson
 from ._base import AbstractSolver, SolverState
 from ._broyden import Broyden
+from ._names import SOLVERS
 from ._picard import Picard
 
-__all__ = ["AbstractSolver", "Anderson", "Broyden", "Picard", "SolverState"]
+__all__ = ["SOLVERS", "AbstractSolver", "Anderson", "Broyden", "Picard", "SolverState"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validate import check_float, check_int
+from .._validate import KeywordHint, check_float, check_int, from_damping
 from ._base import AbstractSolver, SolverState, combine, dots
 
 __all__ = ["Anderson"]
@@ -47,7 +49,8 @@ class Anderson(AbstractSolver):
     Anderson variants, e.g. Zhang, O'Donoghue and Boyd 2020, type-I AA). The rejected pair
     stays in the history: it is a true secant of ``f``.
 
-    A singular or non-finite system never raises: the sample takes a damped Picard step, its
+    A singular or non-finite system never raises: the sample takes the Picard step with this
+    ``mixing``, its
     history restarts, and a sample that ends unconverged after such a restart is reported as
     ``Status.BREAKDOWN``. Memory: two ``(B, m, n)`` buffers (mixed values
     :math:`\beta f(z_i) + (1 - \beta) z_i` and residuals); each step reads the history twice
@@ -55,9 +58,10 @@ class Anderson(AbstractSolver):
     :class:`~implicitlayers.solvers.AbstractSolver`.
 
     Args:
-        history_size: :math:`m \ge 1`, the number of past iterates mixed (``1`` is damped
-            Picard).
-        mixing: :math:`\beta \in (0, 1]`, the weight of :math:`f(z_i)` against :math:`z_i`.
+        history_size: :math:`m \ge 1`, the number of past iterates mixed (``1`` is
+            ``Picard(mixing=mixing)``).
+        mixing: :math:`\beta \in (0, 1]`, the weight of :math:`f(z_i)` against :math:`z_i`
+            (as :class:`~implicitlayers.Picard`'s ``mixing``).
         regularization: :math:`\lambda \ge 0`, the ridge relative to each residual's squared
             norm.
         safeguard: Reject extrapolations that raise the residual (above). ``False`` gives
@@ -76,6 +80,14 @@ class Anderson(AbstractSolver):
     mixing: float = 1.0
     regularization: float = 1e-6
     safeguard: bool = True
+
+    _renamed: ClassVar[Mapping[str, KeywordHint]] = {
+        **AbstractSolver._renamed,
+        "damping": (
+            "is not a keyword (Anderson's weight is mixing, the weight of f(z))",
+            lambda damping: from_damping(damping, as_in="Picard and PhantomGradient"),
+        ),
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,21 +116,12 @@ class Anderson(AbstractSolver):
             **_constants(z, m),
         }
 
-    def step(self, state: SolverState, z: Tensor, fz: Tensor) -> tuple[Tensor, SolverState, Tensor]:
-        # Without the step count, each sample writes its next pair at slot count % m.
-        return self._step(state, z, fz, None)
-
-    def step_at(
-        self, iteration: int, state: SolverState, z: Tensor, fz: Tensor
+    def step(
+        self, state: SolverState, z: Tensor, fz: Tensor, iteration: int
     ) -> tuple[Tensor, SolverState, Tensor]:
-        # Every sample writes at slot iteration % m: a slice, not a per-sample scatter (the
-        # mix does not depend on which slot holds which pair).
-        return self._step(state, z, fz, iteration % self.history_size)
-
-    def _step(
-        self, state: SolverState, z: Tensor, fz: Tensor, slot: int | None
-    ) -> tuple[Tensor, SolverState, Tensor]:
-        """One step writing the new pair at ``slot`` (``None``: at ``count % m`` per sample).
+        """One step; every sample writes its new pair at slot ``iteration % m``: a slice, not
+        a per-sample scatter (the mix does not depend on which slot holds which pair, and a
+        restarted sample's stale slots are masked by ``valid``).
 
         Every operation here runs once per iteration, so they are counted: on a small ``f``
         they are the solve's cost (``benchmarks/RESULTS.md``, solver overhead).
@@ -126,20 +129,13 @@ class Anderson(AbstractSolver):
         X, G, system, valid = state["X"], state["G"], state["system"], state["valid"]
         count, bar, eye, empty = state["count"], state["bar"], state["eye"], state["empty"]
         m = self.history_size
+        slot = iteration % m
         g = fz - z
         x = fz if self.mixing == 1.0 else torch.add(z, g, alpha=self.mixing)
-        # Where the new pair goes (a slice when every sample writes the same slot), and the
-        # one-hot weights of the plain step from it and from the pair before it.
-        at: tuple[Tensor, Tensor] | tuple[slice, int]
-        line: tuple[Tensor, Tensor] | tuple[slice, int]
-        if slot is None:
-            position = count % m
-            rows = torch.arange(z.shape[0], device=z.device)
-            at, line = (rows, position), (rows, position + 1)
-            newest, base = eye[rows, position], eye[rows, (position - 1) % m]
-        else:
-            at, line = (slice(None), slot), (slice(None), slot + 1)
-            newest, base = eye[:, slot], eye[:, (slot - 1) % m]
+        # Where the new pair goes, and the one-hot weights of the plain step from it and from
+        # the pair before it.
+        at = (slice(None), slot)
+        newest, base = eye[:, slot], eye[:, (slot - 1) % m]
         X[at] = x
         G[at] = g
         valid[at] = 1
@@ -153,8 +149,8 @@ class Anderson(AbstractSolver):
             row[at] *= 1.0 + self.regularization
         # The new row and column of the bordered system: a border 1, then the products.
         row = F.pad(row, (1, 0), value=1.0)
-        system[line[0], line[1], :] = row
-        system[line[0], :, line[1]] = row
+        system[:, slot + 1, :] = row
+        system[:, :, slot + 1] = row
         solution, _ = torch.linalg.solve_ex(system, state["e1"])
         alpha = solution[:, 1:]
         # A singular system (a zero pivot) leaves a non-finite solution, and one non-finite

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
+from typing_extensions import Self
 
 from .._repr import compact_repr
-from .._validate import check_budget, check_choice, check_float, check_int
+from .._validate import (
+    KeywordHint,
+    check_budget,
+    check_choice,
+    check_float,
+    check_int,
+    check_renamed,
+)
 
 __all__ = ["AbstractSolver", "SolverState"]
 
@@ -20,6 +31,10 @@ SolverState = dict[str, Tensor]
 
 Policy = Literal["ignore", "warn", "raise"]
 _POLICIES = ("ignore", "warn", "raise")
+
+#: How a residual is measured: over all features (``"l2"``) or per feature (``"rms"``).
+Norm = Literal["l2", "rms"]
+_NORMS = ("l2", "rms")
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -35,19 +50,48 @@ class AbstractSolver(abc.ABC):
 
         \|f(z) - z\| \le \mathrm{atol} + \mathrm{rtol}\, \|f(z)\|,
 
-    with norms over all non-batch dimensions.
+    with the solver's ``norm`` over all non-batch dimensions: with ``norm="l2"`` (default) the
+    Euclidean norm :math:`\|v\|_2`, with ``norm="rms"`` the root mean square
+    :math:`\|v\|_2 / \sqrt{n}` over the :math:`n` features of a sample (all its non-batch
+    entries, every tensor of the state together). Both sides are measured in the same norm,
+    so ``rtol`` means the same under either; ``atol`` is an absolute level in the chosen norm.
+    With ``"rms"`` it is a per-entry level that does not grow with the size of the state (an
+    image's pixels, a sequence's tokens): multiplying both sides by :math:`\sqrt{n}`, the test
+    is
+
+    .. math::
+
+        \|f(z) - z\|_2 \le \mathrm{atol} \sqrt{n} + \mathrm{rtol}\, \|f(z)\|_2,
+
+    which is how it is evaluated, so ``norm="rms", atol=a`` stops exactly where
+    ``norm="l2", atol=a * math.sqrt(n)`` does. Everything the result reports in the units
+    of the residual is in the solver's norm: ``SolverResult.residual``, ``trace`` and
+    ``error_estimate`` (then an estimate of the RMS error); ``rate`` is a ratio of two norms
+    and the same under both.
 
     To write your own solver, subclass this (as a frozen keyword-only dataclass if it has
     hyperparameters) and implement :meth:`init` and :meth:`step` on flat ``(B, n)`` iterates.
+    The options below are validated at construction for every subclass, also one whose
+    ``__post_init__`` does not call ``super().__post_init__()``; the driver loop checks the
+    state :meth:`init` returns (with ``independent_samples=True``) and what the first
+    :meth:`step` of each solve returns, once per solve and on shapes only.
+
+    Keywords renamed before 1.0 (``on_max_iter``, Picard's ``damping``), and a ``damping``
+    where the weight is ``mixing`` (Anderson's), raise a ``TypeError`` that says what to pass
+    now.
 
     Args:
         max_iter: Most evaluations of ``f`` per sample.
         atol: Absolute tolerance on the residual norm.
         rtol: Tolerance relative to :math:`\|f(z)\|`.
-        on_max_iter: What to do when samples end without converging (status ``MAX_ITER``,
-            ``DIVERGED`` or ``BREAKDOWN``): ``"ignore"`` (only recorded in the result),
-            ``"warn"`` (:class:`~implicitlayers.ConvergenceWarning`) or ``"raise"``
-            (:class:`~implicitlayers.ConvergenceError`).
+        norm: How residuals are measured (above): ``"l2"`` (the Euclidean norm over all
+            features of a sample) or ``"rms"`` (that norm divided by :math:`\sqrt{n}`, so
+            ``atol`` is a per-feature level, independent of the state's size).
+        on_unconverged: What to do when samples end without converging (status
+            ``MAX_ITER``, ``DIVERGED`` or ``BREAKDOWN``): ``"ignore"`` (only recorded in the
+            result), ``"warn"`` (:class:`~implicitlayers.ConvergenceWarning`) or ``"raise"``
+            (:class:`~implicitlayers.ConvergenceError`). The same word as
+            :class:`~implicitlayers.ImplicitDifferentiation`'s policy for its adjoint.
         on_nonfinite: The same choice for samples where ``f`` returned NaN or Inf.
         divergence_ratio: A sample is stopped as ``DIVERGED`` once its residual exceeds this
             multiple of its first residual; ``None`` disables the check.
@@ -60,21 +104,36 @@ class AbstractSolver(abc.ABC):
     max_iter: int = 50
     atol: float = 1e-6
     rtol: float = 1e-4
-    on_max_iter: Policy = "ignore"
+    norm: Norm = "l2"
+    on_unconverged: Policy = "ignore"
     on_nonfinite: Policy = "raise"
     divergence_ratio: float | None = 1e4
     check_every: int = 1
     trace: bool = False
 
     def __post_init__(self) -> None:
-        check_budget(self.max_iter, self.atol, self.rtol)
-        check_choice("on_max_iter", self.on_max_iter, _POLICIES)
-        check_choice("on_nonfinite", self.on_nonfinite, _POLICIES)
-        if self.divergence_ratio is not None:
-            check_float("divergence_ratio", self.divergence_ratio, low=1.0, low_open=True)
-        check_int("check_every", self.check_every, minimum=1)
-        if not isinstance(self.trace, bool):
-            raise TypeError(f"trace must be a bool, got {self.trace!r}")
+        _check_shared_options(self)
+
+    #: Keywords renamed before 1.0, each mapped to what to pass now given the old value. A
+    #: subclass that renames one of its own extends it: ``{**Parent._renamed, "old": ...}``.
+    _renamed: ClassVar[Mapping[str, KeywordHint]] = {
+        "on_max_iter": lambda value: (
+            f"on_unconverged={value!r} (the same values; the policy also covers DIVERGED and "
+            "BREAKDOWN samples, and ImplicitDifferentiation names its own policy the same)"
+        ),
+    }
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        # Here rather than in the generated __init__: one check for every subclass (a user's
+        # too), and the fields, repr, comparison and pickling stay those of the dataclass.
+        check_renamed(cls, kwargs, cls._renamed)
+        return super().__new__(cls)
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        _check_step_signature(cls)
+        _validate_after(cls, "__post_init__")  # one that forgets super().__post_init__()
+        _validate_after(cls, "__init__")  # a hand-written one (not a dataclass)
 
     def __repr__(self) -> str:
         return compact_repr(self)
@@ -88,7 +147,7 @@ class AbstractSolver(abc.ABC):
 
     @abc.abstractmethod
     def step(
-        self, state: SolverState, z: Tensor, fz: Tensor
+        self, state: SolverState, z: Tensor, fz: Tensor, iteration: int
     ) -> tuple[Tensor, SolverState, Tensor | None]:
         """Propose the next iterate.
 
@@ -102,6 +161,13 @@ class AbstractSolver(abc.ABC):
             state: The memory returned by :meth:`init` or the previous :meth:`step`.
             z: ``(B, n)`` current iterate.
             fz: ``(B, n)`` value of ``f(z)``.
+            iteration: Calls of :meth:`step` before this one in this solve (``0`` for the
+                first), the same for every row: every row of ``state`` has been through
+                exactly that many (frozen samples are stepped too, and their result
+                discarded; a solver's own per-sample count can be lower after a restart). A
+                solver whose memory fills at most one slot per step can use it to skip the
+                unfilled slots, or to write every row's new pair to one slot, without reading
+                its state on the host (a synchronisation on CUDA). Most solvers ignore it.
 
         Returns:
             ``(z_next, state, breakdown)``: the next iterate, the updated memory, and a
@@ -110,23 +176,66 @@ class AbstractSolver(abc.ABC):
             internal system to break down.
         """
 
-    def step_at(
-        self, iteration: int, state: SolverState, z: Tensor, fz: Tensor
-    ) -> tuple[Tensor, SolverState, Tensor | None]:
-        """:meth:`step`, told how many steps the driver loop has taken before this one.
 
-        The driver loop calls this; the default ignores ``iteration``. A solver whose memory
-        fills at most one slot per step can override it to skip the unfilled slots without
-        reading its state on the host (a synchronisation on CUDA).
+def _check_shared_options(solver: AbstractSolver) -> None:
+    """The checks of the options every solver shares (see :class:`AbstractSolver`)."""
+    check_budget(solver.max_iter, solver.atol, solver.rtol)
+    check_choice("norm", solver.norm, _NORMS)
+    check_choice("on_unconverged", solver.on_unconverged, _POLICIES)
+    check_choice("on_nonfinite", solver.on_nonfinite, _POLICIES)
+    if solver.divergence_ratio is not None:
+        check_float("divergence_ratio", solver.divergence_ratio, low=1.0, low_open=True)
+    check_int("check_every", solver.check_every, minimum=1)
+    if not isinstance(solver.trace, bool):
+        raise TypeError(f"trace must be a bool, got {solver.trace!r}")
 
-        Args:
-            iteration: Steps taken before this one (``0`` for the first); no sample has taken
-                more.
-            state: As in :meth:`step`.
-            z: As in :meth:`step`.
-            fz: As in :meth:`step`.
-        """
-        return self.step(state, z, fz)
+
+def _validate_after(cls: type, name: str) -> None:
+    """Make ``cls``'s own ``name`` method (if it defines one) check the shared options before
+    it returns, so that a subclass is validated however it is written: a ``__post_init__``
+    that forgets ``super().__post_init__()``, or an ``__init__`` of a class that is not a
+    dataclass. (``__init_subclass__`` runs before ``@dataclass`` adds its ``__init__``, which
+    calls ``__post_init__``; the checks are cheap and may run twice.)"""
+    method = vars(cls).get(name)
+    if not inspect.isfunction(method):
+        return
+
+    @functools.wraps(method)
+    def validated(self: AbstractSolver, *args: Any, **kwargs: Any) -> None:
+        method(self, *args, **kwargs)
+        _check_shared_options(self)
+
+    setattr(cls, name, validated)
+
+
+def _check_step_signature(cls: type) -> None:
+    """Refuse, when the class is defined, a solver written for the former two entry points
+    (``step(state, z, fz)`` and ``step_at(iteration, state, z, fz)``), which the driver loop
+    would otherwise reject with a bare argument-count error in the middle of a solve."""
+    fix = (
+        "step_at and step were merged before 1.0: implement one method, "
+        "step(self, state, z, fz, iteration), and ignore iteration if you do not need it"
+    )
+    if "step_at" in vars(cls):
+        raise TypeError(f"{cls.__name__} defines step_at(iteration, state, z, fz); {fix}")
+    step = vars(cls).get("step")
+    if not inspect.isfunction(step):
+        return
+    parameters = inspect.signature(step).parameters
+    named = parameters.get("iteration")
+    if named is not None and named.kind is inspect.Parameter.KEYWORD_ONLY:
+        raise TypeError(
+            f"{cls.__name__}.step takes iteration as a keyword-only parameter; the driver loop "
+            "passes it positionally, so iteration must be a positional parameter: "
+            "def step(self, state, z, fz, iteration)"
+        )
+    kinds = [p.kind for p in parameters.values()]
+    positional = sum(
+        kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for kind in kinds
+    )
+    if positional < 5 and inspect.Parameter.VAR_POSITIONAL not in kinds:
+        raise TypeError(f"{cls.__name__}.step takes {positional - 1} arguments after self; {fix}")
 
 
 #: Up to this many features per sample, a batched product with the history is faster on the

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .._validate import check_int
+from .._validate import KeywordHint, check_int
 from ._base import AbstractSolver, SolverState, combine, dots
 
 __all__ = ["Broyden"]
@@ -27,19 +29,21 @@ class Broyden(AbstractSolver):
                              {\Delta z^\top H_k \Delta g},
 
     with :math:`\Delta z = z_{k+1} - z_k`, :math:`\Delta g = g(z_{k+1}) - g(z_k)`
-    (Sherman-Morrison form). At most ``memory`` pairs :math:`(u_i, v_i)` are kept,
-    so memory is two ``(B, memory + 1, n)`` buffers (one scratch slot) whatever ``max_iter``
-    is; each step multiplies only by the slots filled so far, so a large ``memory`` costs time
-    only as it fills (the driver loop passes the step count, so this needs no host
-    synchronisation). An update that finds the memory full drops every stored pair: the
-    approximation restarts from :math:`-I` with that newest update alone (overwriting the
-    oldest update instead breaks the secant conditions of the newer ones and can diverge).
+    (Sherman-Morrison form). At most ``history_size`` pairs :math:`(u_i, v_i)` are kept,
+    so memory is two ``(B, history_size + 1, n)`` buffers (one scratch slot) whatever
+    ``max_iter`` is; each step multiplies only by the slots filled so far, so a large
+    ``history_size`` costs time only as it fills (the driver loop passes the step count, so
+    this needs no host synchronisation). An update that finds the memory full drops every
+    stored pair: the approximation restarts from :math:`-I` with that newest update alone
+    (overwriting the oldest update instead breaks the secant conditions of the newer ones and
+    can diverge).
     A vanishing denominator restarts the sample's memory (reported as ``Status.BREAKDOWN`` if
     the sample then ends unconverged). Also takes the shared options of
     :class:`~implicitlayers.solvers.AbstractSolver`.
 
     Args:
-        memory: Most rank-one updates stored per sample.
+        history_size: Most rank-one updates stored per sample (as
+            :class:`~implicitlayers.Anderson`'s ``history_size`` counts its stored residuals).
 
     Example:
         >>> import torch, implicitlayers as il
@@ -49,77 +53,64 @@ class Broyden(AbstractSolver):
         0.7391
     """
 
-    memory: int = 10
+    history_size: int = 10
+
+    _renamed: ClassVar[Mapping[str, KeywordHint]] = {
+        **AbstractSolver._renamed,
+        "memory": lambda value: (
+            f"history_size={value!r} (the same meaning, named as Anderson's history_size)"
+        ),
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("memory", self.memory, minimum=1)
+        check_int("history_size", self.history_size, minimum=1)
 
     def init(self, z: Tensor) -> SolverState:
         batch, n = z.shape
         return {
-            # One slot more than `memory`: rows that store no update this step write to the
+            # One slot more than `history_size`: rows that store no update this step write to the
             # last, scratch slot (never multiplied), so a store is a single scatter.
-            "U": z.new_zeros(batch, self.memory + 1, n),
-            "V": z.new_zeros(batch, self.memory + 1, n),
+            "U": z.new_zeros(batch, self.history_size + 1, n),
+            "V": z.new_zeros(batch, self.history_size + 1, n),
             "count": torch.zeros(batch, dtype=torch.long, device=z.device),
             "hg": torch.zeros_like(z),  # the previous H g, so the previous step was dz = -hg
             "g_prev": torch.zeros_like(z),
-            "has_prev": torch.zeros(batch, dtype=torch.bool, device=z.device),
         }
 
-    def step(self, state: SolverState, z: Tensor, fz: Tensor) -> tuple[Tensor, SolverState, Tensor]:
-        return self._step(state, z, fz, self.memory, state["has_prev"])
-
-    def step_at(
-        self, iteration: int, state: SolverState, z: Tensor, fz: Tensor
+    def step(
+        self, state: SolverState, z: Tensor, fz: Tensor, iteration: int
     ) -> tuple[Tensor, SolverState, Tensor]:
-        # At most one update is stored per step, so only the first `iteration` slots can be
-        # filled: multiplying by those alone gives the same iterates at a fraction of the cost
-        # while the memory fills (memory=100 would otherwise cost 100 slots from the start).
-        # After the first step every sample has a previous one.
-        return self._step(state, z, fz, min(iteration, self.memory), iteration > 0)
+        """One step that multiplies only by the memory slots that can be filled.
 
-    def _step(
-        self, state: SolverState, z: Tensor, fz: Tensor, used: int, has_prev: Tensor | bool
-    ) -> tuple[Tensor, SolverState, Tensor]:
-        """One step that multiplies only by the first ``used`` memory slots.
-
-        ``has_prev``: which samples took a step before (a bool when the caller knows it for
-        all of them, which spares the first step its update and the others a mask).
+        At most one update is stored per step, so only the first ``iteration`` slots can hold
+        one: multiplying by those alone gives the same iterates at a fraction of the cost
+        while the memory fills (``history_size=100`` would otherwise cost 100 slots from the
+        start).
+        After the first step every sample has a previous one.
         """
+        used = min(iteration, self.history_size)
         U, V, count, hg_prev = state["U"], state["V"], state["count"], state["hg"]
-        batch, m = U.shape[0], self.memory
+        batch, m = U.shape[0], self.history_size
         g = fz - z
-        if has_prev is False:
+        if iteration == 0:
             # The first step is the Picard step z + g, with nothing to store.
-            new_state = {
-                **state,
-                "hg": -g,
-                "g_prev": g,
-                "has_prev": torch.ones_like(count, dtype=torch.bool),
-            }
+            new_state = {**state, "hg": -g, "g_prev": g}
             return fz, new_state, torch.zeros_like(count, dtype=torch.bool)
         dg = g - state["g_prev"]
         # Two products with the memory per step instead of three: since the previous step was
         # dz = -H g_prev, H dg = H g + dz, so u = (dz - H dg) / (v . dg) = -H g / (v . dg).
         # H g = -g + sum_i u_i (v_i . g) and v = H^T dz = hg_prev - sum_i v_i (u_i . hg_prev).
-        if used:
-            U_used, V_used = U[:, :used], V[:, :used]
-            valid = (torch.arange(used, device=z.device) < count[:, None]).to(z.dtype)
-            hg = _accumulate(_coefficients(V_used, g, valid), U_used) - g
-            v = hg_prev - _accumulate(_coefficients(U_used, hg_prev, valid), V_used)
-        else:
-            hg, v = -g, hg_prev
+        U_used, V_used = U[:, :used], V[:, :used]
+        valid = (torch.arange(used, device=z.device) < count[:, None]).to(z.dtype)
+        hg = _accumulate(_coefficients(V_used, g, valid), U_used) - g
+        v = hg_prev - _accumulate(_coefficients(U_used, hg_prev, valid), V_used)
         denom = _dot(v, dg)
         u = hg / denom.neg()[:, None]
         # A vanishing denominator, relative to |v| |dg|, or a non-finite update breaks down.
         size = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
         ok = (denom.abs() > torch.finfo(z.dtype).eps * size) & torch.isfinite(u).all(dim=1)
-        if has_prev is True:
-            breakdown, write = ~ok, ok
-        else:
-            breakdown, write = has_prev & ~ok, has_prev & ok
+        breakdown, write = ~ok, ok
         # Zero where nothing is stored (rows whose u is not finite included).
         u = torch.where(write[:, None], u, 0.0)
         # A full memory restarts from H = -I: overwriting the oldest update instead breaks the
@@ -139,7 +130,6 @@ class Broyden(AbstractSolver):
             "count": count,
             "hg": hg,
             "g_prev": g,
-            "has_prev": state["has_prev"] if has_prev is True else torch.ones_like(write),
         }
         return z - hg, new_state, breakdown
 

@@ -6,6 +6,7 @@ divergence detection, so each solver only implements its update rule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,30 +47,49 @@ class LoopOutput:
     states: tuple[Tensor, ...] = ()
 
 
-def _measure(solver: AbstractSolver, z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Per-row residual norms :math:`\|f(z) - z\|` and bounds ``atol + rtol * ||f(z)||``.
+def _l2_atol(solver: AbstractSolver, n: int) -> float:
+    r"""``atol`` in l2 units for ``n`` features: the loop measures in l2 and compares
+    :math:`\|f(z) - z\|_2 \le \mathrm{atol}\sqrt{n} + \mathrm{rtol}\|f(z)\|_2` for
+    ``norm="rms"``, which is the rms test multiplied by :math:`\sqrt{n}`; computed once."""
+    return solver.atol * math.sqrt(n) if solver.norm == "rms" else solver.atol
+
+
+def _in_norm(solver: AbstractSolver, n: int, values: Tensor) -> Tensor:
+    """l2 residuals ``values`` in the solver's norm (one operation, once per solve)."""
+    if solver.norm == "rms" and n > 0:
+        return values / math.sqrt(n)
+    return values
+
+
+def _measure(solver: AbstractSolver, z: Tensor, fz: Tensor, atol: float) -> tuple[Tensor, Tensor]:
+    r"""Per-row residual norms :math:`\|f(z) - z\|_2` and bounds ``atol + rtol * ||f(z)||_2``,
+    with ``atol`` from :func:`_l2_atol`.
 
     Every path of the loop measures through here, so the paths agree to the last bit.
     """
     res = torch.linalg.vector_norm(fz - z, dim=1)
     bound = torch.linalg.vector_norm(fz, dim=1).mul_(solver.rtol)
-    if solver.atol:
-        bound.add_(solver.atol)
+    if atol:
+        bound.add_(atol)
     return res, bound
 
 
-def _residual(solver: AbstractSolver, z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _residual(
+    solver: AbstractSolver, z: Tensor, fz: Tensor, atol: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row residual norms, which are finite, and which meet the tolerance."""
-    res, bound = _measure(solver, z, fz)
+    res, bound = _measure(solver, z, fz, atol)
     finite = torch.isfinite(res)
     return res, finite, finite & (res <= bound)
 
 
-def _secant_rate(z: Tensor, fz: Tensor, prev_z: Tensor, prev_fz: Tensor) -> Tensor:
+def _secant_rate(z: Tensor, fz: Tensor, prev: tuple[Tensor, Tensor]) -> Tensor:
     r"""Per row :math:`\|f(z_k) - f(z_{k-1})\| / \|z_k - z_{k-1}\|`; NaN where the step is 0.
 
-    A lower estimate of the Lipschitz constant of ``f`` along the last step.
+    A lower estimate of the Lipschitz constant of ``f`` along the last step, from ``prev``,
+    the previous iterate and its image.
     """
+    prev_z, prev_fz = prev
     num = torch.linalg.vector_norm(fz - prev_fz, dim=1)
     den = torch.linalg.vector_norm(z - prev_z, dim=1)
     return torch.where(den > 0, num / den, float("nan"))
@@ -83,6 +103,7 @@ class _Carry:
         batch, device, dtype = z0.shape[0], z0.device, z0.dtype
         self.z = z0
         self.fz = z0  # f(z) of the batch last evaluated (set before first use)
+        self.atol = _l2_atol(solver, z0.shape[1])
         self.state: SolverState = solver.init(z0)
         # Known on the host: every sample is still running (so nothing needs freezing).
         self.all_active = True
@@ -96,17 +117,78 @@ class _Carry:
         self.first_res = self.best_res
         self.last_res = self.best_res
         self.rate = torch.full((batch,), float("nan"), dtype=dtype, device=device)
-        self.prev_z: Tensor | None = None
-        self.prev_fz: Tensor | None = None
+        self.prev: tuple[Tensor, Tensor] | None = None  # the previous iterate and f of it
         self.broke: Tensor | None = None
+
+
+def _check_state(solver: AbstractSolver, state: SolverState, batch: int) -> None:
+    """With ``independent_samples`` the loop drops stopped rows from every state tensor, so
+    each needs the batch as its leading dimension; checked once, on what ``init`` returned
+    (shapes are host metadata: no synchronisation)."""
+    name = type(solver).__name__
+    if not isinstance(state, dict):
+        raise TypeError(
+            f"{name}.init must return a dict of tensors (a SolverState), got {type(state).__name__}"
+        )
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{name}.init returned state[{key!r}] of type {type(value).__name__}; every "
+                "state entry must be a tensor with the batch as its leading dimension (keep "
+                "hyperparameters on the solver, not in its state)"
+            )
+        if value.dim() == 0 or value.shape[0] != batch:
+            raise ValueError(
+                f"{name}.init returned state[{key!r}] of shape {tuple(value.shape)}; with "
+                f"independent_samples=True every state tensor needs the batch ({batch}) as "
+                "its leading dimension, so that the loop can drop the rows of samples that "
+                f"stopped: give it shape ({batch}, ...) (a per-solve constant c can be "
+                f"c.expand({batch}, ...), which costs no memory)"
+            )
+
+
+def _check_step(solver: AbstractSolver, z: Tensor, z_next: object, breakdown: object) -> None:
+    """What the first :meth:`~AbstractSolver.step` of a solve returned must fit the loop:
+    ``z_next`` shaped like ``z``, ``breakdown`` a ``(B,)`` bool tensor or ``None``. Checked
+    once per solve, on host metadata only (no synchronisation, no tensor operation)."""
+    name = type(solver).__name__
+    if not isinstance(z_next, Tensor):
+        raise TypeError(
+            f"{name}.step must return (z_next, state, breakdown) with z_next a tensor, got "
+            f"z_next of type {type(z_next).__name__}"
+        )
+    if z_next.shape != z.shape:
+        raise ValueError(
+            f"{name}.step returned z_next of shape {tuple(z_next.shape)}; expected {tuple(z.shape)}"
+        )
+    if breakdown is None:
+        return
+    batch = (z.shape[0],)
+    if (
+        not isinstance(breakdown, Tensor)
+        or breakdown.dtype != torch.bool
+        or tuple(breakdown.shape) != batch
+    ):
+        got = (
+            f"a {breakdown.dtype} tensor of shape {tuple(breakdown.shape)}"
+            if isinstance(breakdown, Tensor)
+            else f"{breakdown!r} ({type(breakdown).__name__})"
+        )
+        raise TypeError(
+            f"{name}.step returned breakdown as {got}; it must be a {batch} bool tensor "
+            "marking the samples whose internal system broke down this step, or None for a "
+            "solver that cannot break down (e.g. breakdown = denominator.abs() <= tiny)"
+        )
 
 
 def _advance(c: _Carry, solver: AbstractSolver, k: int) -> None:
     """Take the solver's step from iteration ``k``'s batch; frozen samples keep their iterate."""
     z = c.z
     # Kept for the rate estimate (references only: z and f(z) are never modified in place).
-    c.prev_z, c.prev_fz = z, c.fz
-    z_next, c.state, breakdown = solver.step_at(k, c.state, z, c.fz)
+    c.prev = (z, c.fz)
+    z_next, c.state, breakdown = solver.step(c.state, z, c.fz, k)
+    if k == 0:
+        _check_step(solver, z, z_next, breakdown)
     if z_next.dtype != z.dtype:
         z_next = z_next.to(z.dtype)
     if not c.all_active:
@@ -124,7 +206,7 @@ def _evaluate(c: _Carry, f: FlatMap, solver: AbstractSolver) -> tuple[Tensor, Te
     if fz.dtype != c.z.dtype:
         fz = fz.to(c.z.dtype)
     c.fz = fz
-    return _measure(solver, c.z, fz)
+    return _measure(solver, c.z, fz, c.atol)
 
 
 def _record(c: _Carry) -> Tensor:
@@ -181,10 +263,11 @@ def _masked(c: _Carry, res: Tensor, test: _Test, reads: bool) -> bool:
         best_res = torch.where(frozen_ok & converged, res, best_res)
     c.first_res = first_res
     stopping = active & stop
-    if c.prev_z is not None and c.prev_fz is not None and (not reads or bool(stopping.any())):
+    if c.prev is not None and (not reads or bool(stopping.any())):
         # _secant_rate, kept where it is a number (NaN != NaN), in fewer operations.
-        num = torch.linalg.vector_norm(c.fz - c.prev_fz, dim=1)
-        den = torch.linalg.vector_norm(z - c.prev_z, dim=1)
+        prev_z, prev_fz = c.prev
+        num = torch.linalg.vector_norm(c.fz - prev_fz, dim=1)
+        den = torch.linalg.vector_norm(z - prev_z, dim=1)
         estimate = num / den
         keep = stopping & (den > 0) & (estimate == estimate)
         c.rate = torch.where(keep, estimate, c.rate)
@@ -376,14 +459,14 @@ def _finish(
     n_steps, status, best_res, best_z, rate = c.n_steps, c.status, c.best_res, c.best_z, c.rate
     if quiet_steps:
         n_steps = n_steps + quiet_steps
-    if c.prev_z is not None and c.prev_fz is not None:
-        estimate = _secant_rate(c.z, c.fz, c.prev_z, c.prev_fz)
+    if c.prev is not None:
+        estimate = _secant_rate(c.z, c.fz, c.prev)
         rate = torch.where(c.active & ~torch.isnan(estimate), estimate, rate)
     if c.best_is_current is not None and not bool(c.best_is_current.all()):
         # Some samples return an earlier iterate, so the returned batch was never evaluated:
         # for an f that couples samples, every residual may differ there. Measure them.
         fz = f(best_z, None)
-        res, _, converged = _residual(solver, best_z, fz.to(best_z.dtype))
+        res, _, converged = _residual(solver, best_z, fz.to(best_z.dtype), c.atol)
         n_f_evals += 1
         running = (status == _SUCCESS) | (status == _MAX_ITER)
         status = torch.where(running, torch.where(converged, _SUCCESS, _MAX_ITER), status)
@@ -391,13 +474,14 @@ def _finish(
     if c.broke is not None:
         status = torch.where((status == _MAX_ITER) & c.broke, _BREAKDOWN, status)
     returned = best_z.clone() if best_z is z0 else best_z
+    n = z0.shape[1]
     return LoopOutput(
         z=returned,
         status=status,
         n_steps=n_steps,
-        residual=best_res,
+        residual=_in_norm(solver, n, best_res),
         n_f_evals=n_f_evals,
-        trace=torch.stack(trace) if trace else None,
+        trace=_in_norm(solver, n, torch.stack(trace)) if trace else None,
         rate=rate,
         states=tuple(recorded.get(k, returned) for k in record_at),
     )
@@ -424,15 +508,16 @@ def _run_compacted(
     idx = torch.arange(batch, device=device)
     z = z0
     state = solver.init(z)
+    _check_state(solver, state, batch)
     row_best_z, row_best_res, row_first_res = z, inf, inf
     row_broke = torch.zeros_like(broke)
     rate = torch.full((batch,), float("nan"), dtype=z0.dtype, device=device)
-    prev_z: Tensor | None = None
-    prev_fz: Tensor | None = None
+    prev: tuple[Tensor, Tensor] | None = None
     trace: list[Tensor] = []
     recorded: dict[int, Tensor] = {}
     n_f_evals = 0
     ratio = solver.divergence_ratio
+    atol = _l2_atol(solver, z0.shape[1])
     for k in range(solver.max_iter):
         if k in record_at:
             # Stopped rows hold their returned iterate in best_z already.
@@ -441,7 +526,7 @@ def _run_compacted(
         if fz.dtype != z.dtype:
             fz = fz.to(z.dtype)
         n_f_evals += 1
-        res, finite, converged = _residual(solver, z, fz)
+        res, finite, converged = _residual(solver, z, fz, atol)
         stop = ~finite | converged
         if k == 0:
             row_first_res = torch.where(finite, res, 0.0)
@@ -459,8 +544,8 @@ def _run_compacted(
         if n_stopped or last:
             done = stop if not last else torch.ones_like(stop)
             rows = idx[done]
-            if prev_z is not None and prev_fz is not None:
-                rate[rows] = _secant_rate(z, fz, prev_z, prev_fz)[done]
+            if prev is not None:
+                rate[rows] = _secant_rate(z, fz, prev)[done]
             code = torch.where(converged, _SUCCESS, torch.where(finite, _DIVERGED, _NONFINITE))
             status[rows] = torch.where(stop, code, _MAX_ITER)[done]
             best_z[rows] = row_best_z[done]
@@ -476,20 +561,23 @@ def _run_compacted(
             z = z[keep]
             row_best_z = z if aliased else row_best_z[keep]
             state = {name: value[keep] for name, value in state.items()}
-        prev_z, prev_fz = z, fz
-        z_next, state, breakdown = solver.step_at(k, state, z, fz)
+        prev = (z, fz)
+        z_next, state, breakdown = solver.step(state, z, fz, k)
+        if k == 0:
+            _check_step(solver, z, z_next, breakdown)
         z = z_next if z_next.dtype == z.dtype else z_next.to(z.dtype)
         del z_next
         if breakdown is not None:
             row_broke = row_broke | breakdown
     status = torch.where((status == _MAX_ITER) & broke, _BREAKDOWN, status)
+    n = z0.shape[1]
     return LoopOutput(
         z=best_z,
         status=status,
         n_steps=n_steps,
-        residual=best_res,
+        residual=_in_norm(solver, n, best_res),
         n_f_evals=n_f_evals,
-        trace=torch.stack(trace) if trace else None,
+        trace=_in_norm(solver, n, torch.stack(trace)) if trace else None,
         rate=rate,
         states=tuple(recorded.get(k, best_z) for k in record_at),
     )

@@ -25,34 +25,27 @@ def _free_port() -> int:
 
 def _worker(rank: int, port: int, out: str, argv: list[str]) -> None:
     """One process, as ``torchrun --nproc_per_node=2`` would start it."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import deblur_celeba
-    from deblur import training
+    import deblur_celeba as flagship
 
-    original = training.Trainer.run
+    train = flagship.train
 
-    def run_and_dump(self: training.Trainer) -> training.TrainResult:
-        result = original(self)
-        torch.save(self.model.state_dict(), Path(out) / f"rank{rank}.state")
-        return result
+    def train_and_dump(*args, **kwargs):  # type: ignore[no-untyped-def]
+        model, progress = train(*args, **kwargs)
+        torch.save(model.state_dict(), Path(out) / f"rank{rank}.state")
+        return model, progress
 
-    training.Trainer.run = run_and_dump  # type: ignore[method-assign]
-    code = deblur_celeba.main(argv)
-    if code != 0:
-        raise SystemExit(code)
+    flagship.train = train_and_dump  # type: ignore[assignment]
+    if flagship.main(argv) != 0:
+        raise SystemExit(1)
 
 
 def test_two_process_gloo_run(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     out.mkdir()
-    argv = ["train", *TINY, "--builtin-train-crops", "16", "--output-dir", str(out)]
+    argv = ["train", *TINY, "--builtin-crops", "16", "4", "4", "--output-dir", str(out)]
     argv += ["--no-evaluate", "--batch-norm", "--spectral-norm"]
     context = mp.spawn(_worker, args=(_free_port(), str(out), argv), nprocs=2, join=False)
     deadline = time.monotonic() + 240
@@ -68,6 +61,8 @@ def test_two_process_gloo_run(tmp_path: Path) -> None:
     assert checkpoint["progress"]["global_step"] == 2
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
+    (val,) = [r for r in records if r["event"] == "val" and r["epoch"] == 1]
+    assert val["loss"] > 0  # averaged over both processes' validation images
     # Gradients were averaged: both processes end with identical weights and buffers,
     # although each trained on a different half of the data.
     state0 = torch.load(out / "rank0.state", weights_only=True)

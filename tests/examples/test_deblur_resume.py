@@ -7,11 +7,11 @@ import os
 import signal
 from pathlib import Path
 
-import deblur_celeba
+import deblur_celeba as flagship
 import pytest
 import torch
-from deblur import training
-from deblur.stopping import StopFlag, stop_on_signals
+from deblur import data
+from deblur.state import StopFlag, stop_on_signals
 from deblur_tiny import TINY
 
 #: Two epochs of two steps after two pretraining steps, with batch norm and spectral norm.
@@ -35,6 +35,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     for index, entry in state_a.items():
         assert float(entry["step"]) == float(state_b[index]["step"]) == 4
         assert torch.equal(entry["exp_avg"], state_b[index]["exp_avg"])
+    assert ckpt_a["scheduler"] == ckpt_b["scheduler"]
     strip = ("time", "sec_per_step")
     assert [{k: v for k, v in r.items() if k not in strip} for r in log_a] == [
         {k: v for k, v in r.items() if k not in strip} for r in log_b
@@ -44,7 +45,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted")
-    assert deblur_celeba.main(["train", *RUN, "--output-dir", str(out)]) == 0
+    assert flagship.main(["train", *RUN, "--output-dir", str(out)]) == 0
     return out
 
 
@@ -53,36 +54,37 @@ def test_sigterm_then_resume_matches_uninterrupted(
     stop_at_call: int, uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    original = training.flip_batch
+    original = data.augment
 
-    def flip_then_signal(x: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def augment_then_signal(x: torch.Tensor, seeds: list[int], crop: int | None) -> torch.Tensor:
         calls["n"] += 1
         if calls["n"] == stop_at_call:  # as if the user pressed Ctrl-C / the job got SIGTERM
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(x, seeds)
+        return original(x, seeds, crop)
 
-    monkeypatch.setattr(training, "flip_batch", flip_then_signal)
+    monkeypatch.setattr(data, "augment", augment_then_signal)
     argv = ["train", *RUN, "--output-dir", str(tmp_path)]
-    assert deblur_celeba.main(argv) == 0
+    assert flagship.main(argv) == 0
     stopped = torch.load(tmp_path / "last.pt", weights_only=True)["progress"]
     if stop_at_call == 1:
         assert (stopped["phase"], stopped["pretrain_step"]) == ("pretrain", 1)
     else:  # calls 1-2 pretrain, 3-4 are DEQ steps 1-2 (epoch 1)
         assert (stopped["phase"], stopped["global_step"], stopped["epoch"]) == ("deq", 2, 0)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    monkeypatch.setattr(training, "flip_batch", original)
-    assert deblur_celeba.main([*argv, "--resume"]) == 0
+    monkeypatch.setattr(data, "augment", original)
+    assert flagship.main([*argv, "--resume"]) == 0
     _assert_same_run(uninterrupted, tmp_path)
 
 
 def test_max_steps_then_resume_matches_uninterrupted(uninterrupted: Path, tmp_path: Path) -> None:
     argv = ["train", *RUN, "--output-dir", str(tmp_path)]
-    assert deblur_celeba.main([*argv, "--max-steps", "3"]) == 0
+    assert flagship.main([*argv, "--max-steps", "3"]) == 0
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["progress"]["global_step"] == 3
     assert checkpoint["progress"]["step_in_epoch"] == 1  # mid-epoch 2
     assert all(float(s["step"]) == 3 for s in checkpoint["optimizer"]["state"].values())
-    assert deblur_celeba.main([*argv, "--resume"]) == 0
+    assert checkpoint["scheduler"]["last_epoch"] == 3
+    assert flagship.main([*argv, "--resume", "--checkpoint-every", "2"]) == 0  # may change
     _assert_same_run(uninterrupted, tmp_path)
 
 
@@ -91,7 +93,7 @@ def test_stop_flag_handler_sets_flag_and_restores() -> None:
     flag = StopFlag()
     with stop_on_signals(flag):
         os.kill(os.getpid(), signal.SIGINT)
-        assert flag.requested and flag.reason == "SIGINT"
+        assert flag.reason == "SIGINT"
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before

@@ -145,3 +145,43 @@ def test_no_grad_sigma_cache_follows_weight_updates() -> None:
         reference = net(x)  # eval mode: no power step, sigma recomputed
     torch.testing.assert_close(updated, reference.detach(), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(updated, first)
+
+
+def _zero_last_conv(net):
+    last = _convs(net)[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+
+
+def test_dncnn_residual_flag_exact_values():
+    x = torch.randn(2, 3, 10, 12, dtype=F64)
+    plain = DnCNN(channels=3, depth=4, width=8, spectral_norm=False).double().eval()
+    residual = DnCNN(channels=3, depth=4, width=8, spectral_norm=False, residual=True)
+    residual = residual.double().eval()
+    assert not plain.residual and residual.residual
+    _zero_last_conv(plain)
+    _zero_last_conv(residual)
+    # N(x) = 0: the plain network gives zeros, the residual one the identity, both exactly
+    assert torch.equal(plain(x), torch.zeros_like(x))
+    assert torch.equal(residual(x), x)
+    # a last layer that outputs the constant 0.25: D(x) = x - 0.25
+    with torch.no_grad():
+        _convs(residual)[-1].bias.fill_(0.25)
+    assert torch.equal(residual(x), x - 0.25)
+
+
+def test_dncnn_residual_shares_weights_and_state_dict_with_the_plain_network():
+    plain = DnCNN(channels=1, depth=5, width=8).double()
+    for _ in range(3):  # advance the spectral norms' power vectors and batch-norm statistics
+        plain(torch.randn(4, 1, 12, 12, dtype=F64))
+    denoiser = DnCNN(channels=1, depth=5, width=8, residual=True).double()
+    assert denoiser.load_state_dict(plain.state_dict()) is not None
+    assert list(denoiser.state_dict()) == list(plain.state_dict())
+    plain.eval()
+    denoiser.eval()
+    x = torch.randn(2, 1, 12, 12, dtype=F64)
+    torch.testing.assert_close(denoiser(x), x - plain(x), rtol=0, atol=0)
+    assert "residual=True" in repr(denoiser) and "residual" not in repr(plain).split("\n")[0]
+    with pytest.raises(TypeError, match="residual must be a bool"):
+        DnCNN(residual=1)

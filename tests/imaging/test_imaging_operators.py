@@ -134,3 +134,22 @@ def test_add_noise():
     assert torch.equal(add_noise(y, 0.0), y)
     with pytest.raises(ValueError, match="std"):
         add_noise(y, -0.1)
+
+
+def test_add_noise_with_per_sample_seeds():
+    y = torch.rand(3, 2, 6, 5, dtype=F64)
+    d = add_noise(y, 0.1, seeds=[11, 12, 13])
+    for b, seed in enumerate((11, 12, 13)):
+        # sample b's noise is torch.randn(y.shape[1:]) from a CPU generator seeded with seeds[b]
+        eps = torch.randn((2, 6, 5), generator=torch.Generator().manual_seed(seed), dtype=F64)
+        torch.testing.assert_close(d[b], y[b] + 0.1 * eps, rtol=0, atol=0)
+    # ... so a sample's measurement does not depend on its batch
+    torch.testing.assert_close(add_noise(y[1:], 0.1, seeds=[12, 13]), d[1:], rtol=0, atol=0)
+    assert add_noise(y.float(), 0.1, seeds=[1, 2, 3]).dtype == torch.float32
+    assert not torch.equal(add_noise(y, 0.1, seeds=[1, 1, 1])[0], d[0])
+    with pytest.raises(ValueError, match=r"one seed per sample.*got 2 seeds.*\(3, 2, 6, 5\)"):
+        add_noise(y, 0.1, seeds=[1, 2])
+    with pytest.raises(ValueError, match="either generator or seeds"):
+        add_noise(y, 0.1, seeds=[1, 2, 3], generator=torch.Generator())
+    with pytest.raises(TypeError, match="seeds must be a sequence of ints"):
+        add_noise(y, 0.1, seeds=[1.0, 2, 3])

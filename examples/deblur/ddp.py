@@ -1,0 +1,79 @@
+"""``torchrun`` / DistributedDataParallel set-up; in one process every helper is a no-op.
+
+``torchrun --nproc_per_node=N examples/deblur_celeba.py ...`` sets ``WORLD_SIZE``, ``RANK``
+and ``LOCAL_RANK``: :func:`setup` then joins the process group (NCCL on CUDA, gloo on the
+CPU) and each process takes GPU ``LOCAL_RANK``. Rank 0 alone writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .cli import SettingsError
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's rank, the number of processes and the device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes logs, checkpoints and progress bars."""
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum numbers over the processes (unchanged in one process)."""
+        if self.world == 1:
+            return values
+        on = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        tensor = torch.tensor(values, dtype=torch.float64, device=on)
+        dist.all_reduce(tensor)
+        return [float(v) for v in tensor.tolist()]
+
+    def mean(self, rows: dict[str, list[float]]) -> dict[str, float]:
+        """Each list's mean over the entries of every process."""
+        sums = self.sum([float(len(v)) for v in rows.values()] + [sum(v) for v in rows.values()])
+        counts, totals = sums[: len(rows)], sums[len(rows) :]
+        return {k: t / max(n, 1) for k, n, t in zip(rows, counts, totals, strict=True)}
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any process, so that all stop at the same step."""
+        return self.sum([float(flag)])[0] > 0
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *error: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leave the process group after a final barrier."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def pick_device(device: str) -> torch.device:
+    """``--device``: ``auto`` (CUDA when available), ``cpu``, or ``cuda`` (GPU ``LOCAL_RANK``)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SettingsError("--device cuda was given but no CUDA device is available; use cpu")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def setup(device: str) -> Context:
+    """Join the process group when started by ``torchrun``, and pick the device."""
+    world, chosen = int(os.environ.get("WORLD_SIZE", "1")), pick_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+    return Context(dist.get_rank() if world > 1 else 0, world, chosen)

@@ -1,0 +1,165 @@
+r"""The linear-operator base class: :math:`A`, its adjoint, a norm bound and an adjoint test."""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .._validate import check_float
+
+__all__ = ["LinearOperator"]
+
+
+class LinearOperator(nn.Module, abc.ABC):
+    r"""Base class of the forward operators :math:`A` of the imaging code.
+
+    A subclass defines :meth:`forward` (:math:`x \mapsto A x`) and :meth:`adjoint`
+    (:math:`y \mapsto A^\top y`) on batches whose leading dimension is the batch, and, when
+    it knows one, :meth:`norm_bound`. The adjoint is the one of the Euclidean inner product
+    over each sample's entries:
+
+    .. math::
+
+        \langle A x, y \rangle = \langle x, A^\top y \rangle
+        \quad \text{for all } x, y, \qquad \langle u, v \rangle = \sum_i u_i v_i .
+
+    Everything that reconstructs from measurements (:class:`DEGRADCell`,
+    :func:`tikhonov_cg`, :func:`gradient_descent`, :func:`tv_deblur`, :func:`pnp_deblur`,
+    :func:`operator_norm`) takes a ``LinearOperator``; :class:`GaussianBlur` is one. Being an
+    ``nn.Module``, an operator's buffers follow ``.to()`` and it is registered as a submodule
+    of the cell that holds it. Call :meth:`check_adjoint` once on an operator you write
+    yourself: a wrong adjoint does not raise anywhere else, it only makes gradient steps
+    wrong.
+
+    Example:
+        A 2x downsampler by average pooling, :math:`(A x)_{ij} = \frac14 \sum_{a, b \in
+        \{0, 1\}} x_{2i + a,\, 2j + b}`, whose adjoint spreads each value over its 2x2 block
+        (nearest upsampling divided by 4) and whose norm is :math:`1/2` (attained by a
+        constant image):
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from implicitlayers.imaging import LinearOperator
+        >>> class Downsample(LinearOperator):
+        ...     def forward(self, x):
+        ...         return F.avg_pool2d(x, 2)
+        ...     def adjoint(self, y):
+        ...         return F.interpolate(y, scale_factor=2, mode="nearest") / 4
+        ...     def norm_bound(self):
+        ...         return 0.5
+        >>> A = Downsample()
+        >>> A.check_adjoint(torch.zeros(2, 3, 8, 8, dtype=torch.float64)) < 1e-12
+        True
+    """
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor) -> Tensor:
+        r"""Apply the operator: :math:`A x`."""
+
+    @abc.abstractmethod
+    def adjoint(self, y: Tensor) -> Tensor:
+        r"""Apply the adjoint: :math:`A^\top y`."""
+
+    def normal(self, x: Tensor) -> Tensor:
+        r"""The normal operator :math:`A^\top A x` (by default ``self.adjoint(self(x))``;
+        override it when there is a cheaper way, e.g. :math:`\mathcal F^{-1} M \mathcal F` for
+        a masked Fourier transform)."""
+        return self.adjoint(self(x))
+
+    def norm_bound(self) -> float:
+        r"""A guaranteed upper bound on the operator norm :math:`\|A\|_2`.
+
+        The default, ``math.inf``, means "unknown": :func:`operator_norm` then estimates the
+        norm by power iteration, and :meth:`DEGRADCell.contractive` refuses the operator
+        (its contraction argument needs a certified :math:`\|A\|_2 \le 1`). Override it
+        whenever a bound is known.
+        """
+        return math.inf
+
+    def check_adjoint(
+        self,
+        like: Tensor,
+        *,
+        rtol: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> float:
+        r"""Test :meth:`adjoint` against :meth:`forward` on random inputs.
+
+        Draws :math:`x` with the shape, dtype and device of ``like`` and :math:`y` with the
+        shape of :math:`A x`, both with i.i.d. standard normal entries, and returns
+
+        .. math::
+
+            e = \frac{|\langle A x, y \rangle - \langle x, A^\top y \rangle|}
+                {\max(\|A x\|_2, \|A^\top y\|_2)},
+
+        the inner products accumulated in float64. Given :math:`x`, :math:`\langle A x, y
+        \rangle` is normal with standard deviation :math:`\|A x\|_2` (and
+        :math:`\langle x, A^\top y \rangle` given :math:`y` with :math:`\|A^\top y\|_2`), so
+        :math:`e` is the mismatch in units of the inner products' typical size: rounding
+        error for a correct adjoint, of order one for a wrong one. (Dividing by
+        :math:`|\langle A x, y \rangle|` instead would fail now and then by chance, when the
+        inner product happens to be near zero.) Runs without autograd.
+
+        Args:
+            like: A tensor shaped like the operator's inputs, ``(B, *S)``; only its shape,
+                dtype and device are used.
+            rtol: The largest accepted :math:`e`; default :math:`\sqrt{\varepsilon}` of
+                ``like``'s dtype (``3.5e-4`` for float32, ``1.5e-8`` for float64).
+            generator: A ``torch.Generator`` on ``like``'s device, for a reproducible draw.
+
+        Returns:
+            :math:`e`, at most ``rtol``.
+
+        Raises:
+            ValueError: When :math:`e` exceeds ``rtol`` (the message gives :math:`e`), or
+                when ``adjoint`` does not return the shape of ``like``.
+        """
+        if not isinstance(like, Tensor) or not like.is_floating_point():
+            raise TypeError(
+                "like must be a floating-point tensor shaped like the operator's input, got "
+                f"{type(like).__name__}"
+            )
+        if rtol is None:
+            rtol = math.sqrt(torch.finfo(like.dtype).eps)
+        check_float("rtol", rtol, low=0.0, low_open=True)
+        name = type(self).__name__
+        with torch.no_grad():
+            x = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+            ax = self(x)
+            if not isinstance(ax, Tensor):
+                raise TypeError(f"{name}.forward must return a tensor, got {type(ax).__name__}")
+            y = torch.randn(ax.shape, generator=generator, dtype=ax.dtype, device=ax.device)
+            aty = self.adjoint(y)
+            if not isinstance(aty, Tensor) or aty.shape != x.shape:
+                got = tuple(aty.shape) if isinstance(aty, Tensor) else type(aty).__name__
+                raise ValueError(
+                    f"{name}.adjoint must map A x's shape {tuple(ax.shape)} back to the input "
+                    f"shape {tuple(x.shape)}, got {got}"
+                )
+            lhs = float((ax.double() * y.double()).sum())
+            rhs = float((x.double() * aty.double()).sum())
+            scale = max(float(ax.double().norm()), float(aty.double().norm()))
+        error = abs(lhs - rhs) / scale if scale > 0 else abs(lhs - rhs)
+        if not error <= rtol:
+            raise ValueError(
+                f"{name}.adjoint is not the adjoint of {name}.forward: relative adjointness "
+                f"error {error:.3e} > rtol={rtol:.3e} (<Ax, y> = {lhs:.6e}, <x, A^T y> = "
+                f"{rhs:.6e}); fix adjoint so that <A x, y> = <x, A^T y> for all x, y"
+            )
+        return error
+
+
+def check_operator(name: str, operator: object) -> LinearOperator:
+    """``operator`` must be a :class:`LinearOperator`; returns it (typed)."""
+    if not isinstance(operator, LinearOperator):
+        raise TypeError(
+            f"{name} must be an implicitlayers.imaging.LinearOperator (with forward and "
+            f"adjoint methods), got {type(operator).__name__}; subclass "
+            "implicitlayers.imaging.LinearOperator, define forward(x) = A x and "
+            "adjoint(y) = A^T y, and test it once with check_adjoint"
+        )
+    return operator

@@ -1,0 +1,164 @@
+"""The fast paths take fewer operations and give the same values as the general ones.
+
+Each fast path skips work whose result it knows (a mixing weight of one, every sample still
+running, the whole batch in the compact set). The values are pinned elsewhere; these tests pin
+that the shortcut is taken, by counting the torch operations of otherwise identical solves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import implicitlayers as il
+
+F64 = torch.float64
+SOLVERS = [il.Picard, il.Anderson, il.Broyden]
+PATHS = [
+    pytest.param({}, id="host"),
+    pytest.param({"host_reads": False}, id="sync-free"),
+    pytest.param({"independent_samples": True}, id="compacted"),
+]
+#: A tolerance no iterate meets, so every sample runs every iteration.
+NEVER = {"atol": 0.0, "rtol": 1e-300, "divergence_ratio": None}
+
+
+#: Host-side metadata queries: no kernel, not counted.
+METADATA = frozenset({"__len__", "__get__", "size", "dim", "numel"})
+
+
+class Operations(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called inside it, metadata aside."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") not in METADATA
+        return func(*args, **(kwargs or {}))
+
+
+def operations(fn):
+    with torch.no_grad(), Operations() as counter:
+        fn()
+    return counter.count
+
+
+X = torch.linspace(0.1, 1.0, 24, dtype=F64).reshape(3, 8)
+
+
+def cell(z, x=X):
+    return torch.tanh(0.5 * z + x)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_picard_without_mixing_takes_fz_itself(path):
+    # mixing=0.5 costs one lerp per step; mixing=1.0 none (z_next is f(z)).
+    def solve(mixing):
+        solver = il.Picard(max_iter=10, mixing=mixing, **NEVER)
+        return lambda: il.fixed_point(cell, torch.zeros(3, 8, dtype=F64), solver=solver, **path)
+
+    assert operations(solve(0.5)) - operations(solve(1.0)) == 9  # nine steps between ten calls
+
+
+@pytest.mark.parametrize("cls", SOLVERS)
+@pytest.mark.parametrize("path", PATHS)
+def test_recording_states_of_running_samples_costs_only_their_unflattening(cls, path):
+    # While every sample runs, the recorded state is the iterate itself (no merge with the
+    # best iterates of stopped samples): a state costs three operations at the end (a
+    # selection, a reshape and a cast to the state's dtype), the same on every path.
+    solver = cls(max_iter=8, **NEVER)
+
+    def solve(states):
+        z0 = torch.zeros(3, 8, dtype=F64)
+        return lambda: il.fixed_point(cell, z0, solver=solver, states=states, **path)
+
+    assert operations(solve((1, 3, 5))) - operations(solve(())) == 3 * 3
+
+
+@pytest.mark.parametrize("cls", SOLVERS)
+def test_the_whole_batch_running_is_passed_its_inputs_unselected(cls):
+    # With independent_samples, f is given the running rows of its inputs; while all rows
+    # run, the inputs are passed as they are (no index_select), so f taking x as an input
+    # costs what f closing over x costs.
+    solver = cls(max_iter=8, **NEVER)
+    z0 = torch.zeros(3, 8, dtype=F64)
+
+    def closed():
+        il.fixed_point(cell, z0, solver=solver, independent_samples=True)
+
+    def given():
+        il.fixed_point(cell, z0, X, solver=solver, independent_samples=True)
+
+    assert operations(given) == operations(closed)
+
+
+def test_the_phantom_steps_without_mixing_cost_no_blend():
+    # PhantomGradient(mixing=m) takes z <- (1 - m) z + m f(z): three operations per step more
+    # than z <- f(z) (a product, a product and a sum), none when m = 1.
+    x = torch.ones(2, 3, dtype=F64, requires_grad=True)
+
+    def forward(mixing):
+        rule = il.PhantomGradient(steps=4, mixing=mixing)
+        deq = il.DEQ(cell, solver=il.Picard(max_iter=5), backward=rule)
+        return lambda: deq(x, z0=torch.zeros(2, 3, dtype=F64))
+
+    def counted(fn):
+        with Operations() as counter:
+            fn()
+        return counter.count
+
+    assert counted(forward(0.5)) - counted(forward(1.0)) == 3 * 4
+
+
+def test_the_neumann_phantom_without_mixing_sums_the_plain_series():
+    # NeumannPhantom(mixing=m): v <- (1 - m) v + m J^T v (three more operations a term) and
+    # a final scale by m; with m = 1 neither.
+    W = torch.tensor([[0.0, 0.5], [0.5, 0.0]], dtype=F64)
+    g = torch.tensor([[1.0, 2.0]], dtype=F64)
+
+    def adjoint(mixing):
+        rule = il.NeumannPhantom(terms=3, mixing=mixing)
+        return lambda: rule.adjoint(lambda v: v @ W, g)
+
+    assert operations(adjoint(0.5)) - operations(adjoint(1.0)) == 3 * 3 + 1
+
+
+def test_the_compacted_loop_tracks_improving_rows_without_a_merge():
+    # While every residual improves, the best iterate is the iterate (no torch.where): an
+    # iteration of the compacted Picard loop costs f's operations and these, pinned.
+    z0 = torch.zeros(3, 8, dtype=F64)
+
+    def solve(steps):
+        solver = il.Picard(max_iter=steps, **NEVER)
+        return lambda: il.fixed_point(cell, z0, solver=solver, independent_samples=True)
+
+    f_ops = operations(lambda: cell(z0))
+    assert operations(solve(9)) - operations(solve(8)) - f_ops == PICARD_COMPACTED_OPS
+
+
+#: Operations per iteration of the compacted Picard loop outside f: the residual test (a
+#: difference, two norms, a scaling, isfinite, a comparison: 6), the stop and improvement
+#: tests (two each of ~, | and &, a comparison and a where: 8), the host read of the counts
+#: (two sums, a stack, tolist: 4), the step count (3) and the last residual (index_put: 1).
+PICARD_COMPACTED_OPS = 22
+
+
+def test_the_host_loop_takes_its_fast_iteration_while_every_residual_improves():
+    # Every sample running and improving: one fused test and one host read, no masking.
+    z0 = torch.zeros(3, 8, dtype=F64)
+
+    def solve(steps):
+        solver = il.Picard(max_iter=steps, **NEVER)
+        return lambda: il.fixed_point(cell, z0, solver=solver, host_reads=True)
+
+    f_ops = operations(lambda: cell(z0))
+    assert operations(solve(9)) - operations(solve(8)) - f_ops == PICARD_HOST_OPS
+
+
+#: Operations per fast iteration of the host-read Picard loop outside f: the residual and its
+#: bound (a difference, two norms, a scaling: 4) and the fused "every sample still running
+#: and improving" test (>, <, &, all, bool: 5); nothing is masked or written.
+PICARD_HOST_OPS = 9
