@@ -126,39 +126,26 @@ def test_the_neumann_phantom_without_mixing_sums_the_plain_series():
     assert operations(adjoint(0.5)) - operations(adjoint(1.0)) == 3 * 3 + 1
 
 
-def test_the_compacted_loop_tracks_improving_rows_without_a_merge():
-    # While every residual improves, the best iterate is the iterate (no torch.where): an
-    # iteration of the compacted Picard loop costs f's operations and these, pinned.
+#: Operations per Picard iteration outside f while every residual improves, by path.
+#: Host reads (the fast iteration): the residual and its bound (a difference, two norms, a
+#: scaling: 4) and the fused "every sample still running and improving" test (>, <, &, all,
+#: bool: 5); nothing is masked or written. Compacted: the residual test (the same 4,
+#: isfinite and a comparison: 6), the stop and improvement tests (two each of ~, | and &, a
+#: comparison and a where: 8), the host read of the counts (two sums, a stack, tolist: 4),
+#: the step count (3) and the last residual (index_put: 1); no merge of best iterates.
+PICARD_ITERATION_OPS = [
+    pytest.param({"host_reads": True}, 9, id="host"),
+    pytest.param({"independent_samples": True}, 22, id="compacted"),
+]
+
+
+@pytest.mark.parametrize(("path", "expected"), PICARD_ITERATION_OPS)
+def test_a_picard_iteration_of_improving_samples_takes_the_fast_path(path, expected):
     z0 = torch.zeros(3, 8, dtype=F64)
 
     def solve(steps):
         solver = il.Picard(max_iter=steps, **NEVER)
-        return lambda: il.fixed_point(cell, z0, solver=solver, independent_samples=True)
+        return lambda: il.fixed_point(cell, z0, solver=solver, **path)
 
     f_ops = operations(lambda: cell(z0))
-    assert operations(solve(9)) - operations(solve(8)) - f_ops == PICARD_COMPACTED_OPS
-
-
-#: Operations per iteration of the compacted Picard loop outside f: the residual test (a
-#: difference, two norms, a scaling, isfinite, a comparison: 6), the stop and improvement
-#: tests (two each of ~, | and &, a comparison and a where: 8), the host read of the counts
-#: (two sums, a stack, tolist: 4), the step count (3) and the last residual (index_put: 1).
-PICARD_COMPACTED_OPS = 22
-
-
-def test_the_host_loop_takes_its_fast_iteration_while_every_residual_improves():
-    # Every sample running and improving: one fused test and one host read, no masking.
-    z0 = torch.zeros(3, 8, dtype=F64)
-
-    def solve(steps):
-        solver = il.Picard(max_iter=steps, **NEVER)
-        return lambda: il.fixed_point(cell, z0, solver=solver, host_reads=True)
-
-    f_ops = operations(lambda: cell(z0))
-    assert operations(solve(9)) - operations(solve(8)) - f_ops == PICARD_HOST_OPS
-
-
-#: Operations per fast iteration of the host-read Picard loop outside f: the residual and its
-#: bound (a difference, two norms, a scaling: 4) and the fused "every sample still running
-#: and improving" test (>, <, &, all, bool: 5); nothing is masked or written.
-PICARD_HOST_OPS = 9
+    assert operations(solve(9)) - operations(solve(8)) - f_ops == expected

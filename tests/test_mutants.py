@@ -974,6 +974,33 @@ def test_default_configuration():
             TypeError,
             "DEQ needs z0 when its first input is not a tensor: call deq(*inputs, z0=...)",
         ),
+        (
+            lambda: il.DEQ(half_plus_one, has_aux=1),
+            TypeError,
+            "has_aux must be a bool, got 1",
+        ),
+        (
+            lambda: il.DEQ(lambda z, x: 0.5 * z + x)(torch.ones(1, 1), spectral_radius=1),
+            TypeError,
+            "spectral_radius must be a bool, got 1",
+        ),
+        (
+            lambda: il.DEQ(lambda z, x: 0.5 * z + x, has_aux=True)(torch.ones(1, 1)),
+            TypeError,
+            "DEQ(f, has_aux=True) needs f to return a pair (z_next, aux), got Tensor; return "
+            "(z_next, aux) or pass has_aux=False",
+        ),
+        (
+            lambda: il.fixed_point(lambda z: z[:1], torch.zeros(2, 3)),
+            ValueError,
+            "f returned a batch of 1 samples for a state of 2; f must keep the batch dimension "
+            "(one output row per input row)",
+        ),
+        (
+            lambda: il.fixed_point(half_plus_one, torch.zeros(1, 1), states=(True,)),
+            ValueError,
+            "states must hold iteration indices k >= 0 (ints), got True in (True,)",
+        ),
     ],
 )
 def test_call_errors_are_worded_exactly(make, error, message):
@@ -1340,44 +1367,6 @@ def test_deq_output_repr_names_the_solution_and_the_result():
     with torch.no_grad():
         out = il.DEQ(lambda z, x: 0.5 * z + x, solver=il.Picard())(torch.ones(1, 1))
     assert repr(out) == f"DEQOutput(z={out.z!r}, result={out.result!r})"
-
-
-@pytest.mark.parametrize(
-    ("make", "error", "message"),
-    [
-        (
-            lambda: il.DEQ(half_plus_one, has_aux=1),
-            TypeError,
-            "has_aux must be a bool, got 1",
-        ),
-        (
-            lambda: il.DEQ(lambda z, x: 0.5 * z + x)(torch.ones(1, 1), spectral_radius=1),
-            TypeError,
-            "spectral_radius must be a bool, got 1",
-        ),
-        (
-            lambda: il.DEQ(lambda z, x: 0.5 * z + x, has_aux=True)(torch.ones(1, 1)),
-            TypeError,
-            "DEQ(f, has_aux=True) needs f to return a pair (z_next, aux), got Tensor; return "
-            "(z_next, aux) or pass has_aux=False",
-        ),
-        (
-            lambda: il.fixed_point(lambda z: z[:1], torch.zeros(2, 3)),
-            ValueError,
-            "f returned a batch of 1 samples for a state of 2; f must keep the batch dimension "
-            "(one output row per input row)",
-        ),
-        (
-            lambda: il.fixed_point(half_plus_one, torch.zeros(1, 1), states=(True,)),
-            ValueError,
-            "states must hold iteration indices k >= 0 (ints), got True in (True,)",
-        ),
-    ],
-)
-def test_current_call_errors_are_worded_exactly(make, error, message):
-    with pytest.raises(error) as caught:
-        make()
-    assert str(caught.value) == message
 
 
 def test_an_f_returning_a_pair_is_pointed_to_has_aux():

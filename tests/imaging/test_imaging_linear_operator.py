@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from imaging_zoo import Downsample
 from torch import nn
 
 import implicitlayers as il
@@ -23,19 +24,6 @@ from implicitlayers.imaging import (
 )
 
 F64 = torch.float64
-
-
-class Downsample(LinearOperator):
-    """2x average pooling; adjoint: nearest upsampling / 4; norm 1/2 (a constant image)."""
-
-    def forward(self, x):
-        return F.avg_pool2d(x, 2)
-
-    def adjoint(self, y):
-        return F.interpolate(y, scale_factor=2, mode="nearest") / 4
-
-    def norm_bound(self):
-        return 0.5
 
 
 class WrongDownsample(Downsample):

@@ -4,32 +4,19 @@ gradient (the contract of ``implicitlayers.nn.one_map``)."""
 import copy
 
 import torch
-import torch.nn.functional as F
+from imaging_zoo import Downsample
 
 import implicitlayers as il
-from implicitlayers.imaging import ContractiveDnCNN, DEGRADCell, LinearOperator, NormalizedConv2d
+from implicitlayers.imaging import ContractiveDnCNN, DEGRADCell, NormalizedConv2d
 
 F64 = torch.float64
-
-
-class AvgDown(LinearOperator):
-    """2x average-pooling super-resolution operator (norm 1/2)."""
-
-    def forward(self, x):
-        return F.avg_pool2d(x, 2)
-
-    def adjoint(self, y):
-        return F.interpolate(y, scale_factor=2, mode="nearest") / 4
-
-    def norm_bound(self):
-        return 0.5
 
 
 def _setup(seed=0):
     """A contractive DE-GRAD cell whose power vectors are far from converged (2 warm-up
     steps), so that every power step visibly changes the map."""
     torch.manual_seed(seed)
-    A = AvgDown()
+    A = Downsample()
     D = ContractiveDnCNN(channels=1, depth=3, width=4, warmup_iterations=2, input_size=(8, 8))
     cell = DEGRADCell.contractive(A, D.to(F64), step_size=0.5, clamp=None).to(F64)
     d = A(torch.rand(2, 1, 8, 8, dtype=F64) * 2 - 1)
