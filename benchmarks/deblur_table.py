@@ -73,6 +73,9 @@ class TableOptions:
     preset: str | None = arg(None, "the flagship's preset", choices=tuple(flagship.PRESETS))
     rules: tuple[str, ...] = arg(("jfb", "neumann", "implicit"), "rules", choices=tuple(BACKWARDS))
     time_budget: float | None = arg(None, "seconds of training per rule (default: the epochs)")
+    turn_steps: int | None = arg(None, "steps per rule in turn (default: an epoch)", low=1)
+    resume: bool = arg(False, "continue the run in --out")
+    radius_images: int = arg(8, "test images whose rho(J_T) is estimated per learned row", low=1)
     tune_limit: int = arg(64, "validation images the baselines are tuned on")
     no_progress: bool = arg(False, "hide progress bars")
     quiet: bool = arg(False, "print only warnings and the table")
@@ -125,6 +128,54 @@ def measured(
         stop.reason = f"--time-budget {limit:g} s spent"
 
 
+def contraction(
+    model: Any, s: Any, images: Any, ctx: ddp.Context, count: int
+) -> dict[str, list[float]]:
+    """The spectral radius of :math:`J_T` at the fixed points of the first ``count`` test
+    images (whole), and whether each estimate settled: the exact rule's adjoint
+    :math:`(I - J_T^\top) u = g` is well conditioned only when it is below 1."""
+    radius: list[float] = []
+    settled: list[float] = []
+    for index, x in load(images, [list(range(min(count, len(images))))]):
+        A, x = flagship.cell_of(model).operator, x.to(ctx.device)
+        d = flagship.measure(A, x, image_seeds(TEST_SEED, "test", 0, index), s.noise_std)
+        z0 = flagship.cell_of(model).initial_point(d, method="cg")
+        solver = flagship.make_solver(s, s.eval_max_iter)
+        with torch.no_grad():
+            probe = model(d, z0=z0, solver=solver, spectral_radius=True).spectral_radius
+        radius, settled = probe.radius.tolist(), probe.converged.float().tolist()
+    return {"radius": radius, "radius_settled": settled}
+
+
+def resumed(folder: Path, resume: bool) -> dict[str, Any] | None:
+    """``folder/last.pt`` to continue from with ``resume``; without it, refuse to overwrite."""
+    if not (folder / "last.pt").exists():
+        return None
+    if not resume:
+        raise cli.SettingsError(
+            f"--out {folder.parent} holds a table run ({folder}/last.pt); pass --resume to "
+            "continue it, or choose another --out"
+        )
+    return state.load(folder / "last.pt")
+
+
+def training_seconds(folder: Path) -> float:
+    """Seconds of DEQ training logged in ``folder`` up to its checkpoint (0 when new)."""
+    if not (folder / "last.pt").exists():
+        return 0.0
+    lines = state.load(folder / "last.pt")["progress"]["log_lines"]
+    log = state.read_log(folder / "log.jsonl")[:lines]
+    return float(sum(r["sec_per_step"] for r in log if r["event"] == "train"))
+
+
+def finished(folder: Path, seconds: float, opts: TableOptions) -> bool:
+    """Whether a rule is trained: its time budget spent, or (without one) its epochs done."""
+    if opts.time_budget is not None and seconds >= opts.time_budget:
+        return True
+    path = folder / "last.pt"
+    return path.exists() and state.load(path)["progress"]["phase"] == "done"
+
+
 def run(opts: TableOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     """Pretrain once, tune the baselines, train every rule, then score all on the test split."""
     t_start, out = time.perf_counter(), Path(opts.out)
@@ -133,53 +184,64 @@ def run(opts: TableOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     splits = make_splits(s)
     run_opts = cli.Options(no_progress=opts.no_progress, quiet=opts.quiet)
     logger.info("data: %s", splits.description)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "split.json").write_text(json.dumps(splits.files(), indent=2))  # which files, each
 
     # One pretrained denoiser: every rule's starting point, and the PnP prior.
     pre_s = dataclasses.replace(s, epochs=0)
-    pretrained, progress = flagship.train(pre_s, splits, out / "pretrain", ctx, run_opts)
+    pre_start = resumed(out / "pretrain", opts.resume)
+    pretrained, progress = flagship.train(
+        pre_s, splits, out / "pretrain", ctx, run_opts, start=pre_start
+    )
     start = {"model": pretrained.state_dict(), "progress": {"phase": "deq"}}
     start["progress"]["pretrain_step"] = progress.pretrain_step
     A, denoiser = flagship.cell_of(pretrained).operator, flagship.cell_of(pretrained).regularizer
-
     # The baselines, tuned on validation images only (the test split is not read until the end).
     index = list(range(min(opts.tune_limit, len(splits.val))))
     x_val = torch.stack([splits.val[i] for i in index]).to(ctx.device)
     d_val = flagship.measure(A, x_val, image_seeds(s.seed, "val", 0, index), s.noise_std)
-    tuned = tune(A, x_val, d_val, denoiser)
+    cache = out / "tuned.json"  # a resumed table does not tune again
+    if opts.resume and cache.exists():
+        tuned = json.loads(cache.read_text())
+    else:
+        tuned = tune(A, x_val, d_val, denoiser)
+        cache.write_text(json.dumps(tuned, indent=2))
     logger.info("tuned on %d validation images: %s", len(index), tuned)
 
-    # The learned rows: the same start, data and schedule; interleaved, one epoch each in turn.
+    # The learned rows: the same start, data and schedule, trained in turns of --turn-steps
+    # steps (default: an epoch), so that a change in machine load falls on all of them alike.
     per_epoch = len(shard(splits.train, s.batch_size, ctx, s.seed))
-    spent, done = {rule: [0.0] for rule in opts.rules}, set()
-    for session in itertools.count(1):
-        for rule in [r for r in opts.rules if r not in done]:
+    spent = {rule: [training_seconds(out / rule)] for rule in opts.rules}
+    pending = [rule for rule in opts.rules if not finished(out / rule, spent[rule][0], opts)]
+    while pending:
+        for rule in list(pending):
             folder, rule_s, stop = (
                 out / rule,
                 dataclasses.replace(s, backward=rule),
                 state.StopFlag(),
             )
-            begin = start if session == 1 else state.load(folder / "last.pt")
-            last = session >= s.epochs and opts.time_budget is None
-            step_opts = dataclasses.replace(
-                run_opts, max_steps=None if last else session * per_epoch
+            begin = resumed(folder, True) or start
+            done_steps = begin["progress"].get("global_step", 0)
+            turn = dataclasses.replace(
+                run_opts, max_steps=done_steps + (opts.turn_steps or per_epoch)
             )
 
             def hook(model: Any, rule: str = rule, stop: state.StopFlag = stop) -> Any:
                 return measured(model, ctx.device, spent[rule], opts.time_budget, stop)
 
-            progress = flagship.train(
-                rule_s, splits, folder, ctx, step_opts, start=begin, stop=stop, hook=hook
-            )[1]
-            if progress.phase == "done" or stop.reason.startswith("--time-budget"):
-                done.add(rule)
-        if len(done) == len(opts.rules):
-            break
+            with state.stop_on_signals(stop):  # Ctrl-C or SIGTERM: checkpoint, then stop
+                flagship.train(rule_s, splits, folder, ctx, turn, start=begin, stop=stop, hook=hook)
+            if stop.reason in ("SIGINT", "SIGTERM"):
+                raise cli.SettingsError(f"stopped by {stop.reason}; continue with --resume")
+            if finished(folder, spent[rule][0], opts):
+                pending.remove(rule)
 
     # The test split, once: identical measurements for every row.
     rows: dict[str, dict[str, list[float]]] = {}
     images: dict[str, list[torch.Tensor]] = {}
     for rule in opts.rules:
-        _, rule_s, model = flagship.load_model(out / rule / "best.pt", {})
+        weights = "last.pt" if opts.time_budget else "best.pt"  # equal time: the final weights
+        _, rule_s, model = flagship.load_model(out / rule / weights, {})
         flagship.fit_norms(model, (s.image_size,) * 2, training=False)
         result = flagship.evaluate(model, rule_s, splits.test, ctx, keep=s.figure_samples)
         for name in ("measurement", "tikhonov_cg"):
@@ -187,6 +249,7 @@ def run(opts: TableOptions, overrides: dict[str, Any]) -> dict[str, Any]:
             images[name] = result[f"image/{name}"]
         rows[rule] = {k.split("/")[1]: v for k, v in result.items() if k.startswith("degrad/")}
         rows[rule] |= {"iterations": result["iterations"], "converged": result["converged"]}
+        rows[rule] |= contraction(model, rule_s, splits.test, ctx, opts.radius_images)
         images[rule], images["x"] = result["image/degrad"], result["image/x"]
     for name in ("tv", "pnp"):
         rows[name] = {"psnr_standard": [], "psnr_paper": [], "ssim": []}
@@ -199,7 +262,7 @@ def run(opts: TableOptions, overrides: dict[str, Any]) -> dict[str, Any]:
             room = max(s.figure_samples - len(images.setdefault(name, [])), 0)
             images[name] += list(x_hat[:room].cpu())
 
-    results = summarize(s, opts, rows, out, tuned)
+    results = summarize(s, opts, rows, out, tuned, per_epoch)
     results |= {"data": splits.description, "seconds_total": time.perf_counter() - t_start}
     threads = torch.get_num_threads()
     results["device"] = f"{ctx.device.type}, {threads} threads, torch {torch.__version__}"
@@ -217,7 +280,12 @@ def run(opts: TableOptions, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(
-    s: Any, opts: TableOptions, rows: dict[str, Any], out: Path, tuned: dict[str, Any]
+    s: Any,
+    opts: TableOptions,
+    rows: dict[str, Any],
+    out: Path,
+    tuned: dict[str, Any],
+    per_epoch: int,
 ) -> dict[str, Any]:
     """Means per row, and each learned rule's training cost from its log."""
     table, metrics = {}, ("psnr_standard", "psnr_paper", "ssim")
@@ -227,19 +295,23 @@ def summarize(
         if name in opts.rules:
             log = state.read_log(out / name / "log.jsonl")
             steps = [r for r in log if r["event"] == "train"]
-            epochs = max(len({r["epoch"] for r in steps}), 1)
+            seconds = [r["sec_per_step"] for r in steps]
             adjoint = [
                 r["backward_converged"] for r in steps if r["backward_converged"] is not None
             ]
             peaks = [r["peak_bytes"] for r in steps if r.get("peak_bytes") is not None]
             row |= {
                 "forward_iterations": statistics.fmean(values["iterations"]),
+                "radius_mean": statistics.fmean(values["radius"]),
+                "radius_max": max(values["radius"]),
+                "radius_settled": statistics.fmean(values["radius_settled"]),
                 "converged_fraction": statistics.fmean(values["converged"]),
                 "adjoint_converged": statistics.fmean(adjoint) if adjoint else None,
                 "vjps_per_step": statistics.fmean(r["vjps"] for r in steps),
-                "seconds_per_epoch": sum(r["sec_per_step"] for r in steps) / epochs,
-                "training_seconds": sum(r["sec_per_step"] for r in steps),
+                "seconds_per_epoch": statistics.fmean(seconds) * per_epoch,
+                "training_seconds": sum(seconds),
                 "steps": len(steps),
+                "epochs": len(steps) / per_epoch,
                 "peak_mib": max(peaks) / 2**20 if peaks else None,
             }
         if name in PAPER_ROWS:
@@ -247,8 +319,10 @@ def summarize(
         table[name] = row
     cuda = s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available())
     memory = "CUDA max_memory_allocated" if cuda else "peak resident set above the step's (VmHWM)"
-    results = {"settings": dataclasses.asdict(s), "rules": list(opts.rules), "tuned": tuned}
-    return results | {"time_budget": opts.time_budget, "table": table, "memory": memory}
+    results: dict[str, Any] = {"settings": dataclasses.asdict(s), "rules": list(opts.rules)}
+    results |= {"tuned": tuned}
+    results |= {"radius_images": opts.radius_images, "time_budget": opts.time_budget}
+    return results | {"table": table, "memory": memory}
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -261,7 +335,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"- Data: {r['data']}",
         f"- Device: {r['device']}; total {r['seconds_total']:.0f} s",
         f"- Learned rows: {r['settings']['epochs']} epochs each"
-        + (f", or {r['time_budget']:g} s of training each" if r["time_budget"] else ""),
+        + (
+            f", or {r['time_budget']:g} s of training each (final weights)"
+            if r["time_budget"]
+            else " (best validation epoch)"
+        ),
         f"- Baselines tuned on validation images only: TV lambda {r['tuned']['tv']['lam']:g}, "
         f"PnP {r['tuned']['pnp']}",
         "",
@@ -274,19 +352,24 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([*cells, f"{row['ssim']:.3f}", paper]) + " |")
     lines += ["", "(paper: the paper's PSNR in its convention / SSIM, CelebA 128x128.)", ""]
     lines.append(
-        "| Rule | forward iters / image | converged | adjoint converged | VJPs / step "
-        "| s / epoch | training s | peak MiB / step |"
+        "| Rule | forward iters / image | converged | rho(J_T) mean (max) | adjoint converged "
+        "| VJPs / step | s / epoch | training s | epochs | peak MiB / step |"
     )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in r["rules"]:
         row = r["table"][key]
         adjoint = row["adjoint_converged"]
         cells = [names[key], f"{row['forward_iterations']:.1f}", f"{row['converged_fraction']:.0%}"]
+        cells.append(f"{row['radius_mean']:.3f} ({row['radius_max']:.3f})")
         cells += ["-" if adjoint is None else f"{adjoint:.0%}", f"{row['vjps_per_step']:.1f}"]
         cells += [f"{row['seconds_per_epoch']:.1f}", f"{row['training_seconds']:.0f}"]
+        cells.append(f"{row['epochs']:.2f}")
         cells.append("-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Peak memory: {r['memory']}."]
+    settled = statistics.fmean(r["table"][k]["radius_settled"] for k in r["rules"])
+    lines += ["", f"Peak memory: {r['memory']}. rho(J_T): the spectral radius of the cell's"]
+    lines += [f"Jacobian at the fixed points of {r['radius_images']} whole test images (Arnoldi,"]
+    lines += [f"at most 50 VJPs; {settled:.0%} of the estimates settled, an unsettled one is low)."]
     return "\n".join(lines) + "\n"
 
 

@@ -5,10 +5,9 @@ the presets' names, a lower bound ``low``, ``negatable``, ``required``); :func:`
 a flag (``image_size`` is ``--image-size``) typed by its annotation: ``int``, ``float``,
 ``str``, ``X | None``, ``tuple[X, ...]`` (``nargs="+"``), ``bool`` (a switch, or
 ``--x/--no-x``). Flags default to ``argparse.SUPPRESS``, so only what was typed comes back:
-presets fill the rest, and ``--resume`` tells an explicit flag from a default. Why not tyro or
-jsonargparse: these lines do what the example needs, add no dependency, keep ``--help`` fast,
-and leave validation to the dataclass and the library. :class:`Options` are the flagship's
-own flags beyond its settings.
+presets fill the rest, and ``--resume`` tells an explicit flag from a default. Not tyro or
+jsonargparse: these lines add no dependency, keep ``--help`` fast, and leave validation to the
+dataclass and the library.
 """
 
 from __future__ import annotations
@@ -44,8 +43,7 @@ class Command(NamedTuple):
 
 def arg(default: T, help: str, **meta: Any) -> T:
     """A dataclass field with its help text and flag metadata."""
-    field: T = dataclasses.field(default=default, metadata={"help": help, **meta})
-    return field
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +68,11 @@ class Options:
 TRAIN = ("output_dir", "preset", "resume", "max_steps", "no_evaluate", "no_progress", "quiet")
 EVALUATE = ("checkpoint", "output_dir", "no_progress", "quiet")
 RESTORE = ("checkpoint", "input", "output", "simulate")
-#: The flagship's settings a checkpoint's user may change: at evaluation, and on resume.
+#: The flagship's settings a checkpoint's user may change: at evaluation, on resume, to restore.
 SHOWN = ("device", "test_limit", "test_offset", "eval_batch_size", "budgets", "figure_samples")
 EVALUATED = ("data_dir", "eval_max_iter", "rtol", "atol", *SHOWN)
 RESUMABLE = ("checkpoint_every", "workers", *SHOWN)
+RESTORED = ("eval_max_iter", "device")
 
 
 def check(settings: Any) -> None:

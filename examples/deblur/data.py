@@ -25,12 +25,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from implicitlayers import imaging
+
 from .cli import SettingsError
 from .ddp import Context
 
 TRAIN_PHOTOS: tuple[str, ...] = ("astronaut", "rocket", "motorcycle", "immunohistochemistry")
-TRAIN_PHOTOS += ("retina",)
-TRAIN_PHOTOS += ("camera", "coins", "moon", "brick", "grass", "gravel")
+TRAIN_PHOTOS += ("retina", "camera", "coins", "moon", "brick", "grass", "gravel")
 TEST_PHOTOS = ("chelsea", "coffee")
 #: Seed of the built-in test crops and of every test measurement's noise.
 TEST_SEED = 20240203
@@ -47,9 +48,7 @@ def image_seeds(seed: int, tag: str, epoch: int, index: list[int]) -> list[int]:
 
 def noise(seeds: list[int], shape: torch.Size) -> Tensor:
     """Standard normal noise per image, one CPU generator per seed (the same on any device)."""
-    return torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-    )
+    return imaging.add_noise(torch.zeros(len(seeds), *shape), 1.0, seeds=seeds)
 
 
 class Images(Dataset[Tensor]):
@@ -90,9 +89,7 @@ def shard(
     if seed is None:
         order = list(range(ctx.rank, len(images), ctx.world))
     else:
-        sampler: DistributedSampler[int] = DistributedSampler(
-            images, ctx.world, ctx.rank, seed=seed, drop_last=True
-        )
+        sampler = DistributedSampler[int](images, ctx.world, ctx.rank, seed=seed, drop_last=True)
         sampler.set_epoch(epoch)
         order = list(sampler)
     return [order[i : i + size] for i in range(0, len(order), size)]
@@ -126,7 +123,7 @@ def augment(x: Tensor, seeds: list[int], crop: int | None) -> Tensor:
     return torch.stack(out)
 
 
-def _to_tensor(array: np.ndarray) -> Tensor:
+def to_tensor(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.array(array[:, :, :3])).permute(2, 0, 1).float() / 127.5 - 1
 
 
@@ -136,7 +133,7 @@ def load_image(path: str | Path, size: int | None = None) -> Tensor:
         rgb = img.convert("RGB")
         if size is not None:
             rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        return _to_tensor(np.asarray(rgb, dtype=np.uint8))
+        return to_tensor(np.asarray(rgb, dtype=np.uint8))
 
 
 def check_restore(source: str, target: str) -> None:
@@ -153,7 +150,7 @@ def save_image(x: Tensor, path: str | Path) -> None:
     Image.fromarray(array.permute(1, 2, 0).numpy()).save(path)
 
 
-def _photo(name: str) -> np.ndarray:
+def photo(name: str) -> np.ndarray:
     """A scikit-image photograph as RGB, downscaled by 1/2."""
     from skimage import data
 
@@ -165,39 +162,20 @@ def _photo(name: str) -> np.ndarray:
 
 def _crops(photos: list[np.ndarray], count: int, size: int, seed: int) -> Images:
     """``count`` crops spread over ``photos``, skipping nearly flat ones (sky, background)."""
-    generator, crops, attempts = torch.Generator().manual_seed(seed), list[Tensor](), 0
+    g, crops, attempts = torch.Generator().manual_seed(seed), list[Tensor](), 0
     while len(crops) < count:
-        photo = photos[len(crops) % len(photos)]
-        if min(photo.shape[:2]) < size:
+        part = photos[len(crops) % len(photos)]
+        if min(part.shape[:2]) < size:
             raise SettingsError(
                 f"--image-size {size} is larger than a built-in photograph part "
-                f"({photo.shape[0]}x{photo.shape[1]}); use --image-size 64 or less, or --data-dir"
+                f"({part.shape[0]}x{part.shape[1]}); use --image-size 64 or less, or --data-dir"
             )
-        top, left = (
-            int(torch.randint(n - size + 1, (1,), generator=generator)) for n in photo.shape[:2]
-        )
-        crop = _to_tensor(photo[top : top + size, left : left + size])
+        top, left = (int(torch.randint(n - size + 1, (1,), generator=g)) for n in part.shape[:2])
+        crop = to_tensor(part[top : top + size, left : left + size])
         attempts += 1
         if float(crop.std()) >= 0.05 or attempts >= 20 * count:
             crops.append(crop)
     return Images(torch.stack(crops))
-
-
-def _builtin(s: Any) -> Splits:
-    photos, size = [_photo(name) for name in TRAIN_PHOTOS], s.image_size
-    cuts = [min(round(p.shape[0] * 0.8), p.shape[0] - size) for p in photos]
-    parts = list(zip(photos, cuts, strict=True))
-    counts = s.builtin_crops
-    train = _crops([p[:c] for p, c in parts], counts[0], size, s.seed)
-    val = _crops([p[c:] for p, c in parts], counts[1], size, s.seed + 1)
-    test = _crops([_photo(name) for name in TEST_PHOTOS], counts[2], size, TEST_SEED)
-    description = (
-        f"built-in scikit-image photographs (no CelebA folder given): {len(train)} train crops "
-        f"from {', '.join(TRAIN_PHOTOS)}; {len(val)} validation crops from the bottom fifth of "
-        f"those; {len(test)} held-out test crops from {', '.join(TEST_PHOTOS)}; "
-        f"{size}x{size} after downscaling by 0.5, pixels in [-1, 1]"
-    )
-    return Splits(train, val, test, description)
 
 
 def _celeba(s: Any) -> Splits:
@@ -229,4 +207,18 @@ def _celeba(s: Any) -> Splits:
 
 def make_splits(s: Any) -> Splits:
     """The splits of the flagship's ``Settings`` ``s``: CelebA with ``data_dir``, else built-in."""
-    return _builtin(s) if s.data_dir is None else _celeba(s)
+    if s.data_dir is not None:
+        return _celeba(s)
+    size, (n_train, n_val, n_test) = s.image_size, s.builtin_crops
+    photos = [photo(name) for name in TRAIN_PHOTOS]
+    parts = [(p, min(round(p.shape[0] * 0.8), p.shape[0] - size)) for p in photos]  # top 4/5
+    train = _crops([p[:cut] for p, cut in parts], n_train, size, s.seed)
+    val = _crops([p[cut:] for p, cut in parts], n_val, size, s.seed + 1)
+    test = _crops([photo(name) for name in TEST_PHOTOS], n_test, size, TEST_SEED)
+    description = (
+        f"built-in scikit-image photographs (no CelebA folder given): {len(train)} train crops "
+        f"from {', '.join(TRAIN_PHOTOS)}; {len(val)} validation crops from the bottom fifth of "
+        f"those; {len(test)} held-out test crops from {', '.join(TEST_PHOTOS)}; "
+        f"{size}x{size} after downscaling by 0.5, pixels in [-1, 1]"
+    )
+    return Splits(train, val, test, description)

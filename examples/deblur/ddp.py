@@ -52,9 +52,6 @@ class Context:
         return self
 
     def __exit__(self, *error: object) -> None:
-        self.close()
-
-    def close(self) -> None:
         """Leave the process group after a final barrier."""
         if self.world > 1 and dist.is_initialized():
             dist.barrier()

@@ -16,13 +16,13 @@ import matplotlib.pyplot as plt
 from torch import Tensor
 
 from implicitlayers import imaging
-from implicitlayers.imaging import psnr
 
 from .data import save_image
 from .state import read_log
 
 METHODS = {"measurement": "Measurement (blurred, noisy)"}
 METHODS |= {"tikhonov_cg": "Tikhonov-CG (60 steps, lambda 0.01)", "degrad": "DE-GRAD"}
+METRICS = ("psnr_standard", "psnr_paper", "ssim")
 
 
 def scores(x_hat: Tensor, x: Tensor) -> dict[str, Tensor]:
@@ -35,29 +35,23 @@ def scores(x_hat: Tensor, x: Tensor) -> dict[str, Tensor]:
 def write(
     rows: dict[str, list[Any]], out: Path, saved: dict[str, Any], about: dict[str, Any]
 ) -> dict[str, Any]:
-    """Summarise the flagship's per-image ``rows`` into ``results.json`` (with ``about``: the
-    checkpoint's path, its settings, the data; and how long the checkpoint ``saved`` trained),
-    ``results.md`` and the three figures in ``out``; the loss curves are read from the
-    checkpoint's ``log.jsonl``."""
+    """Summarise the flagship's per-image ``rows`` into ``results.json`` (with ``about``, and
+    how long the checkpoint ``saved`` trained), ``results.md`` and the three figures in ``out``
+    (the loss curves from the checkpoint's ``log.jsonl``)."""
     progress = saved["progress"]
     about |= {"trained_steps": progress["global_step"], "training_seconds": progress["seconds"]}
     mean = {k: statistics.fmean(v) for k, v in rows.items() if not k.startswith("image/")}
-    table = {
-        m: {k: mean[f"{m}/{k}"] for k in ("psnr_standard", "psnr_paper", "ssim")} for m in METHODS
-    }
+    table = {m: {k: mean[f"{m}/{k}"] for k in METRICS} for m in METHODS}
     budgets = {k.split("/")[1]: v for k, v in mean.items() if k.startswith("budget/")}
+    its = rows["iterations"]
+    iterations = {"mean": mean["iterations"], "median": statistics.median(its), "max": max(its)}
     results = {
         **about,
         "images": len(rows["loss"]),
         "image_shape": list(rows["image/x"][0].shape),
         "table": table,
         "gain_over_cg_db": table["degrad"]["psnr_standard"] - table["tikhonov_cg"]["psnr_standard"],
-        "forward_iterations": {
-            "mean": mean["iterations"],
-            "median": statistics.median(rows["iterations"]),
-            "max": max(rows["iterations"]),
-            "converged_fraction": mean["converged"],
-        },
+        "forward_iterations": iterations | {"converged_fraction": mean["converged"]},
         "images_per_second": len(rows["loss"]) / sum(rows["seconds"]),
         "budget_psnr_standard": dict(sorted(budgets.items(), key=lambda kv: int(kv[0]))),
     }
@@ -81,9 +75,7 @@ def restored(rows: dict[str, list[Any]], source: str, target: str, *, scored: bo
     print(f"restored {source} ({size}) -> {target} in {seconds:.2f} s, ", end="")
     print(f"{rows['iterations'][0]} iterations ({done})")
     for name in METHODS if scored else ():
-        psnr, paper, ssim = (
-            rows[f"{name}/{k}"][0] for k in ("psnr_standard", "psnr_paper", "ssim")
-        )
+        psnr, paper, ssim = (rows[f"{name}/{k}"][0] for k in METRICS)
         print(f"  {name:12s} PSNR {psnr:.2f} dB (paper convention {paper:.2f}), SSIM {ssim:.3f}")
 
 
@@ -135,13 +127,13 @@ def markdown(r: dict[str, Any]) -> str:
 def image_grid(columns: dict[str, list[Tensor]], path: Path) -> None:
     """Save a grid; the first column is the ground truth the others' PSNR is measured against."""
     names, truth = list(columns), next(iter(columns.values()))
-    fig, axes = plt.subplots(len(truth), len(names), squeeze=False)
-    fig.set_size_inches(2 * len(names), 2.1 * len(truth) + 0.3)
+    size = (2 * len(names), 2.1 * len(truth) + 0.3)
+    fig, axes = plt.subplots(len(truth), len(names), squeeze=False, figsize=size, layout="tight")
     for r, reference in enumerate(truth):
         for c, name in enumerate(names):
             image, title = columns[name][r].clamp(-1, 1), name if r == 0 else ""
             if c > 0:
-                value = psnr(image[None], reference[None], data_range=2.0).item()
+                value = imaging.psnr(image[None], reference[None], data_range=2.0).item()
                 title = f"{title}\n{value:.2f} dB".strip()
             axes[r][c].imshow(((image + 1) / 2).permute(1, 2, 0).numpy(), interpolation="nearest")
             axes[r][c].set_title(title, fontsize=8)
@@ -153,14 +145,14 @@ def loss_curves(records: list[dict[str, Any]], path: Path) -> None:
     """Save loss, validation PSNR and solver work from the JSON-lines records."""
     train = [r for r in records if r["event"] == "train"]
     val = [r for r in records if r["event"] == "val"]
-    fig, (loss, quality, work) = plt.subplots(1, 3, figsize=(13, 3.6))
-    per_epoch = max(len([r for r in train if r["epoch"] == 0]), 1)
+    fig, (loss, quality, work) = plt.subplots(1, 3, figsize=(13, 3.6), layout="tight")
+    per_epoch = max(sum(r["epoch"] == 0 for r in train), 1)
+    val_epochs = [r["epoch"] for r in val]
     epochs = [r["step"] / per_epoch for r in train]
     loss.plot(epochs, [r["loss"] for r in train], lw=0.8, alpha=0.5, label="training (per step)")
-    loss.plot([r["epoch"] for r in val], [r["loss"] for r in val], "s-", label="validation")
+    loss.plot(val_epochs, [r["loss"] for r in val], "s-", label="validation")
     loss.set(yscale="log", xlabel="epoch", ylabel="MSE loss", title="Loss")
-    psnrs = [r["degrad/psnr_standard"] for r in val]
-    quality.plot([r["epoch"] for r in val], psnrs, "s-", label="DE-GRAD")
+    quality.plot(val_epochs, [r["degrad/psnr_standard"] for r in val], "s-", label="DE-GRAD")
     if val:
         quality.axhline(val[0]["tikhonov_cg/psnr_standard"], color="gray", ls="--", label="CG")
     quality.set(xlabel="epoch", ylabel="PSNR (dB, [0,1] peak 1)", title="Validation PSNR")
@@ -175,7 +167,7 @@ def loss_curves(records: list[dict[str, Any]], path: Path) -> None:
 def budget_curve(budgets: dict[str, float], cg_psnr: float, path: Path) -> None:
     """Save PSNR against the test-time iteration budget, with the Tikhonov-CG anchor."""
     ks = [max(int(k), 0.5) for k in budgets]  # 0 (the start) drawn at 0.5 on the log axis
-    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    fig, ax = plt.subplots(figsize=(4.5, 3.4), layout="tight")
     ax.plot(ks, list(budgets.values()), "o-", label="DE-GRAD")
     ax.axhline(cg_psnr, color="gray", ls="--", label="Tikhonov-CG")
     ax.set_xscale("log")
@@ -190,6 +182,5 @@ def _names(r: dict[str, Any]) -> dict[str, str]:
 
 
 def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,11 +1,10 @@
 """A run's state on disk: atomic ``weights_only`` checkpoints, the JSON-lines log, and the
 stop flag that Ctrl-C and SIGTERM raise.
 
-A checkpoint is a plain ``dict`` of tensors, containers, numbers and strings (it loads with
-``torch.load(..., weights_only=True)``), written to a temporary file and moved into place, so
-an interruption never leaves a truncated file. The signal handler only sets a flag: the
-training loop checks it after every step, saves ``last.pt`` and returns, and ``--resume``
-continues from exactly that step. A second Ctrl-C aborts at once.
+A checkpoint is a plain ``dict`` of tensors, containers, numbers and strings, written to a
+temporary file and moved into place: an interruption never leaves a truncated file. A signal
+only sets the flag; the training loop checks it after every step, saves ``last.pt`` and
+returns, and ``--resume`` continues from exactly that step. A second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
@@ -115,10 +114,9 @@ def read_log(path: Path, keep: int | None = None) -> list[dict[str, Any]]:
 
 @dataclass
 class Run:
-    """A training run's folder, written by the main process alone: ``log.jsonl``, first cut to
-    the lines the last checkpoint had seen, and checkpoints of the ``objects``' state dicts
-    (model, optimisers, scheduler) with the run's :class:`Progress` and ``meta`` (settings,
-    data). ``start``: a checkpoint, or part of one, whose states and progress are loaded."""
+    """A training run's folder, written by the main process alone: ``log.jsonl`` (first cut to
+    the lines the last checkpoint had seen) and checkpoints of the ``objects``' state dicts with
+    :class:`Progress` and ``meta``. ``start``: a checkpoint, or part of one, to load."""
 
     out: Path
     objects: dict[str, Any]
@@ -157,9 +155,8 @@ class Run:
     def log_step(
         self, forward: SolverResult, backward: SolverResult | None, scalars: dict[str, Any]
     ) -> None:
-        """Log a DEQ training step: its ``scalars``, and the forward solve's iterations (mean
-        and max) and converged fraction, and the same of the backward rule's adjoint solve
-        (``None``: the rule solves none)."""
+        """Log a DEQ training step: its ``scalars``, the forward solve's iterations (mean, max)
+        and converged fraction, and the adjoint solve's (``None``: the rule solves none)."""
         p, steps = self.progress, forward.n_steps.float()
         self.log(
             {"event": "train", "epoch": p.epoch, "step": p.global_step, **scalars}
@@ -193,7 +190,7 @@ class Run:
         p = self.progress
         if max_steps is not None and p.global_step >= max_steps and not stop.reason:
             stop.reason = f"--max-steps {max_steps} reached"
-        step = max(p.global_step, p.pretrain_step)
+        step = p.pretrain_step if p.phase == "pretrain" else p.global_step
         if any_process(bool(stop.reason)):
             self.save("last.pt")
             why = stop.reason or "by another process"
@@ -218,16 +215,13 @@ def stop_on_signals(flag: StopFlag) -> Iterator[StopFlag]:
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.getsignal(sig) for sig in signals}
 
     def handler(signum: int, frame: Any) -> None:
         if flag.reason:
             raise KeyboardInterrupt  # a second signal: stop waiting for the checkpoint
         flag.reason = signal.Signals(signum).name
 
-    for sig in signals:
-        signal.signal(sig, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:

@@ -43,31 +43,20 @@ z0 = torch.zeros(batch, n, **opts)
 forward_solver = il.Anderson(max_iter=200, atol=0.0, rtol=1e-12)
 
 
-def loss_fn(z: torch.Tensor) -> torch.Tensor:
-    return 0.5 * ((z - target) ** 2).sum()
-
-
 def gradient(layer: Layer, backward: il.backward.AbstractBackward) -> torch.Tensor:
     """The flattened gradient of the loss with respect to (W, U) under a backward rule."""
-    deq = il.DEQ(layer, solver=forward_solver, backward=backward)
-    z, _ = deq(x, z0=z0)
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss_fn(z), [layer.W, layer.U])])
+    z, _ = il.DEQ(layer, solver=forward_solver, backward=backward)(x, z0=z0)
+    loss = 0.5 * ((z - target) ** 2).sum()
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, [layer.W, layer.U])])
 
 
 def exact_gradient(layer: Layer) -> torch.Tensor:
     """The implicit-function-theorem gradient with dense Jacobians."""
     z_star = il.fixed_point(layer, z0, x, solver=forward_solver).z
-    per_sample = torch.func.vmap(torch.func.jacrev(lambda z, x: layer(z[None], x[None])[0]))
-    J = per_sample(z_star, x)  # (B, n, n)
-    g = z_star - target  # dL/dz*
-    eye = torch.eye(n, **opts).expand(batch, n, n)
-    u = torch.linalg.solve(eye - J.transpose(1, 2), g)
-    fz = layer(z_star, x)
-    return torch.cat([g.flatten() for g in torch.autograd.grad(fz, [layer.W, layer.U], u)])
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    J = torch.func.vmap(torch.func.jacrev(layer))(z_star, x)  # (B, n, n), one per sample
+    u = torch.linalg.solve(torch.eye(n, **opts) - J.mT, z_star - target)  # dL/dz* = z* - target
+    grads = torch.autograd.grad(layer(z_star, x), [layer.W, layer.U], u)
+    return torch.cat([g.flatten() for g in grads])
 
 
 # %%
@@ -91,7 +80,7 @@ for gamma in gammas:
     exact = exact_gradient(layer)
     for name, rule in rules.items():
         approx = gradient(layer, rule)
-        similarity[name].append(cosine(approx, exact))
+        similarity[name].append(torch.cosine_similarity(approx, exact, dim=0).item())
         rel_error[name].append(((approx - exact).norm() / exact.norm()).item())
 
 print("gamma      " + "  ".join(f"{g:6.2f}" for g in gammas))

@@ -16,10 +16,8 @@ spectral radius of the cell's Jacobian at the fixed point.
 # Settings
 # --------
 #
-# Every setting is declared once. The gallery run trains for a few epochs;
-# ``IMPLICITLAYERS_GALLERY_FULL=1`` trains longer (the figures of
-# :doc:`/tutorials/digits_results`), and ``IMPLICITLAYERS_GALLERY_QUICK=1`` (set by the test
-# suite) runs one short epoch on a subset, only to check that the script works.
+# ``IMPLICITLAYERS_GALLERY_FULL=1`` trains longer (:doc:`/tutorials/digits_results`);
+# ``IMPLICITLAYERS_GALLERY_QUICK=1`` (the test suite) runs one short epoch.
 
 import os
 import time
@@ -58,8 +56,7 @@ if os.environ.get("IMPLICITLAYERS_GALLERY_QUICK") == "1":
 print(settings)
 
 solver = il.Anderson(max_iter=30, rtol=1e-3)
-# The layers are small: in our runs one thread was faster than two, whose synchronisation
-# cost more than the work they shared (far more on a busy machine).
+# The layers are small: one thread is faster than two here.
 threads = torch.get_num_threads()
 torch.set_num_threads(1)
 
@@ -67,8 +64,7 @@ torch.set_num_threads(1)
 # Data
 # ----
 #
-# A fixed, stratified split: a quarter of the images for testing. Pixels (0 to 16) are scaled
-# to zero mean and unit variance with the training split's statistics.
+# A stratified split, a quarter for testing, standardised with the training statistics.
 
 digits = load_digits()
 images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)  # (1797, 1, 8, 8)
@@ -86,28 +82,19 @@ print(f"{len(train_set)} training and {len(test_labels)} test images")
 # Model
 # -----
 #
-# The cell is MDEQ's residual block at a single resolution: the state :math:`z` and the
-# injected image features :math:`x` are ``(B, C, 8, 8)`` maps, and
+# The cell is MDEQ's residual block at one resolution, on ``(B, C, 8, 8)`` maps :math:`z`
+# and injected features :math:`x`:
 #
 # .. math::
 #
 #     f(z, x) = \mathrm{GN}\Big(\mathrm{ReLU}\big(z + \mathrm{GN}(W_2 * y + x)\big)\Big),
 #     \qquad y = \mathrm{drop}\big(\mathrm{ReLU}(\mathrm{GN}(W_1 * z))\big),
 #
-# with group normalisation GN, 3 × 3 convolutions :math:`W_1, W_2` under torch's
-# ``spectral_norm`` parametrization, and :class:`~implicitlayers.nn.VariationalDropout2d`.
-# Neither is recomputed at every solver iteration: a DEQ's forward enters
-# :func:`~implicitlayers.nn.one_map`, which computes the normalised weights and draws the
-# dropout mask once, so the solver iterates one map. The residual connection keeps the map
-# near the edge of contraction (the spectral radius of its Jacobian is about 0.9 at
-# initialisation), which is what makes the variants differ.
-#
-# The classifier is a convolutional stem that computes :math:`x`, the equilibrium layer, and a
-# linear head on the 2 × 2-pooled fixed point. The explicit network has the same modules and
-# applies the cell ``explicit_depth`` times from :math:`z = 0` with
-# :func:`~implicitlayers.unroll` (one set of weights and one dropout mask for all the steps,
-# as in a DEQ's forward) instead of solving for the fixed point, so both have the same
-# parameters.
+# with GroupNorm GN, spectral-normed 3 × 3 convolutions and
+# :class:`~implicitlayers.nn.VariationalDropout2d`. A DEQ's forward enters
+# :func:`~implicitlayers.nn.one_map`: the normalised weights and the dropout mask are computed
+# once, so the solver iterates one map. The explicit network applies the same cell
+# ``explicit_depth`` times from :math:`z = 0` with :func:`~implicitlayers.unroll`.
 
 
 class Cell(nn.Module):
@@ -151,9 +138,8 @@ class Classifier(nn.Module):
 # The variants
 # ------------
 #
-# Bai et al. add :math:`\gamma\, \|J_f(z^\star)\|_F^2 / n` to the loss, with :math:`n` the size
-# of one state (here :math:`16 \cdot 8 \cdot 8 = 1024`); ``deq(x, jacobian_penalty=1)``
-# returns the one-probe Hutchinson estimate of :math:`\|J_f\|_F^2` per sample.
+# Bai et al. add :math:`\gamma\, \|J_f(z^\star)\|_F^2 / n` to the loss (:math:`n`: the size
+# of one state); ``deq(x, jacobian_penalty=1)`` returns a one-probe Hutchinson estimate.
 
 variants = {
     "JFB": dict(backward=il.JFB()),
@@ -166,13 +152,9 @@ variants = {
 # Training and evaluation
 # -----------------------
 #
-# Adam with a cosine learning-rate schedule and cross-entropy. After every epoch (and once
-# before training) the model is evaluated in eval mode on the test split: accuracy, forward
-# iterations per sample and the fraction of samples that converged, and, on a fixed batch of
-# test images, the spectral radius :math:`\rho(J_f(z^\star))` per sample, estimated by
-# ``deq(x, spectral_radius=True)`` (with the fraction of samples whose estimate settled within
-# its 50 Jacobian products; an unsettled estimate is usually a little low). The seconds per
-# epoch count training only.
+# Adam with a cosine schedule. After every epoch (and before training) the model is evaluated
+# on the test split: accuracy, forward iterations, converged fraction and, on a fixed batch,
+# the spectral radius :math:`\rho(J_f(z^\star))` (``deq(x, spectral_radius=True)``).
 
 
 def mean(values: torch.Tensor) -> float:
@@ -184,8 +166,7 @@ def evaluate(model: Classifier) -> dict[str, float]:
     model.eval()
     logits, out = model(test_images)
     record = {"accuracy": mean(logits.argmax(1) == test_labels), "iterations": model.depth}
-    nan = float("nan")
-    record |= {"converged": nan, "radius": nan, "radius_settled": nan}
+    record |= dict.fromkeys(("converged", "radius", "radius_settled"), float("nan"))
     if out is not None:
         _, probe = model(test_images[: settings.radius_batch], spectral_radius=True)
         record |= {"iterations": mean(out.result.n_steps), "converged": mean(out.result.converged)}
@@ -255,15 +236,7 @@ for name, (params, history) in runs.items():
 torch.set_num_threads(threads)
 
 # %%
-# The iterations, converged fractions and radii are those after the first and the last
-# epoch. Trained with JFB alone, the cell drifts towards the edge of contraction: the
-# spectral radius at the fixed point creeps towards one, the solver needs more iterations and
-# more samples stop at ``max_iter``. The phantom gradient, which backpropagates through five
-# damped steps, drifts the same way here. The Jacobian penalty pulls :math:`\rho` down and
-# shortens the forward solves, which more than pays for its cost per step, for up to about one
-# point of accuracy. The explicit network applies the same layers four times: it is the
-# cheapest per epoch and, on this small and easy data set, at least as accurate as the
-# equilibrium models (450 test images: one image is 0.2 points). An equilibrium model's
-# case rests on harder problems, where its depth adapts to the input and its training memory
-# does not grow with it (see :doc:`/guide/backward` for the backward rules). The figures of a
-# longer run are in :doc:`/tutorials/digits_results`.
+# Trained with JFB alone the cell drifts towards the edge of contraction (:math:`\rho \to 1`,
+# more iterations, fewer converged samples); the Jacobian penalty pulls :math:`\rho` down and
+# shortens the solves. The figures of a longer run, and what they mean, are in
+# :doc:`/tutorials/digits_results`.

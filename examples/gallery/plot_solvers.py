@@ -70,11 +70,8 @@ circle_spectrum = compare(0.95 * Q)
 # in the trace, so each curve stops at the median number of steps.
 
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True, layout="constrained")
-panels = [
-    (axes[0], real_spectrum, "eigenvalues of W in [-0.95, 0.95]"),
-    (axes[1], circle_spectrum, "eigenvalues of W on |λ| = 0.95"),
-]
-for ax, results, title in panels:
+titles = ("eigenvalues of W in [-0.95, 0.95]", "eigenvalues of W on |λ| = 0.95")
+for ax, results, title in zip(axes, (real_spectrum, circle_spectrum), titles, strict=True):
     for name, result in results.items():
         steps = int(result.n_steps.median())
         ax.semilogy(result.trace[:steps].median(dim=1).values, label=name)

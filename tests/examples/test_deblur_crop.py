@@ -4,9 +4,11 @@ evaluation at ``--image-size`` uses whole images."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import deblur_celeba as flagship
+import numpy as np
 import pytest
 import torch
 from deblur import data
@@ -90,3 +92,48 @@ def test_evaluation_uses_whole_images(crop_run: dict[str, Any]) -> None:
     assert report["settings"]["train_crop"] == 8
     # 2 validations of 4 images and one test evaluation of 4, all whole.
     assert sum(len(m[0]) for m in evaluated) == 12
+
+
+def test_the_cpu128_recipe_trains_on_crops_and_scores_whole_128x128_images(
+    tmp_path: Path,
+) -> None:
+    """The ``cpu128`` preset's protocol at CI size (random JPEGs, DnCNN 3x8): images resized
+    bilinearly to 128x128, the paper's measurement, 64x64 crops in training, whole images at
+    validation and test."""
+    from PIL import Image
+
+    folder, out = tmp_path / "faces", tmp_path / "run"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # CelebA's aligned size, 178 x 218
+        pixels = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg")
+    measured: list[tuple[int, ...]] = []
+    measure = flagship.measure
+
+    def spy_measure(A: Any, x: torch.Tensor, seeds: list[int], std: float) -> torch.Tensor:
+        measured.append(tuple(x.shape))
+        return measure(A, x, seeds, std)
+
+    small = ["--depth", "3", "--width", "8", "--batch-size", "2", "--val-size", "2"]
+    small += ["--pretrain-steps", "1", "--epochs", "1", "--max-iter", "4", "--eval-max-iter", "4"]
+    small += ["--budgets", "1", "--figure-samples", "1", "--eval-batch-size", "2"]
+    small += ["--device", "cpu", "--no-progress", "--quiet", "--output-dir", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flagship, "measure", spy_measure)
+        argv = ["train", "--data-dir", str(folder), "--preset", "cpu128", *small]
+        assert flagship.main(argv) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert (settings["kernel_size"], settings["blur_std"], settings["noise_std"]) == (5, 5.0, 0.01)
+    assert (settings["image_size"], settings["train_crop"]) == (128, 64)
+    # Validation before and after the epoch and the test evaluation measure whole 128x128
+    # images; training measures 64x64 crops (8 training images, 2 per step).
+    whole, crops = [(2, 3, 128, 128)], [(2, 3, 64, 64)] * 4
+    assert measured == whole + crops + whole + whole
+    report = json.loads((out / "results.json").read_text())
+    assert report["image_shape"] == [3, 128, 128] and report["images"] == 2
+    test_file = folder / json.loads((out / "split.json").read_text())["test"][0]
+    with Image.open(test_file) as img:  # bilinear, as the paper's resize
+        expected = np.asarray(img.convert("RGB").resize((128, 128), Image.Resampling.BILINEAR))
+    loaded = data.load_image(test_file, 128)
+    assert torch.equal(loaded, torch.from_numpy(expected.copy()).permute(2, 0, 1) / 127.5 - 1)

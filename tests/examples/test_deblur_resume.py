@@ -97,3 +97,23 @@ def test_stop_flag_handler_sets_flag_and_restores() -> None:
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_checkpoints_follow_the_cadence_of_each_phase(tmp_path: Path) -> None:
+    """``--checkpoint-every 2`` counts pretraining steps, then DEQ steps: with 2 pretraining
+    steps the DEQ phase saves on its even steps only (the pretraining count must not stand in
+    for it: 2 % 2 == 0 would save after every DEQ step)."""
+    from deblur import state
+
+    saves, save = [], state.save
+
+    def spy(saved: dict, path: Path) -> None:
+        saves.append((path.name, saved["progress"]["phase"], saved["progress"]["global_step"]))
+        save(saved, path)
+
+    argv = [*TINY, "--epochs", "2", "--no-evaluate", "--checkpoint-every", "2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(state, "save", spy)
+        assert flagship.main(["train", *argv, "--output-dir", str(tmp_path)]) == 0
+    deq = {step for name, phase, step in saves if phase == "deq"}
+    assert deq == {0, 2, 4}  # epoch 0's validation, then steps 2 and 4 (and their validations)

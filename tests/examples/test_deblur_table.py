@@ -12,7 +12,7 @@ import torch
 from deblur_tiny import TINY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks import deblur_table
+from benchmarks import deblur_photos, deblur_table
 
 ARGS = [a for a in TINY if a != "--quiet"] + ["--epochs", "2", "--tune-limit", "3"]
 ARGS += ["--neumann-terms", "2", "--rules", "jfb", "neumann", "phantom", "implicit", "--quiet"]
@@ -73,6 +73,7 @@ def test_learned_rows_report_their_costs(table: dict[str, Any]) -> None:
         assert 1 <= row["forward_iterations"] <= 8 and 0 <= row["converged_fraction"] <= 1
         assert row["seconds_per_epoch"] > 0 and row["training_seconds"] > 0
         assert row["peak_mib"] is None or row["peak_mib"] >= 0
+        assert 0 < row["radius_mean"] <= row["radius_max"] and 0 <= row["radius_settled"] <= 1
     # VJPs through the cell per step: JFB one (the parameters' VJP), Neumann with k = 2 terms
     # k + 1, the phantom gradient's k = 2 steps k, implicit 1 + the adjoint solve's.
     assert rows["jfb"]["vjps_per_step"] == 1 and rows["neumann"]["vjps_per_step"] == 3
@@ -97,3 +98,59 @@ def test_a_time_budget_stops_every_rule_alike(tmp_path: Path) -> None:
     assert deblur_table.main([*argv, "--quiet", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["table"]
     assert rows["jfb"]["steps"] == rows["implicit"]["steps"] == 1  # the first step spends it
+
+
+def test_an_interrupted_table_resumes_where_it_stopped(tmp_path: Path) -> None:
+    argv = [*ARGS[: ARGS.index("--rules")], "--rules", "jfb", "implicit", "--turn-steps", "1"]
+    argv += ["--quiet", "--out", str(tmp_path)]
+    train, turns = deblur_table.flagship.train, []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        turns.append(args[2].name)  # the rule's folder
+        if len(turns) == 4:  # pretraining, then jfb, implicit, and jfb's second turn
+            raise KeyboardInterrupt
+        return train(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(deblur_table.flagship, "train", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            deblur_table.main(argv)
+    assert turns == ["pretrain", "jfb", "implicit", "jfb"]
+    assert deblur_table.main(argv) == 2  # the folder holds a run: --resume, or another --out
+    with pytest.MonkeyPatch.context() as mp:  # nor is anything tuned again
+        mp.setattr(deblur_table, "tune", lambda *args: pytest.fail("tuned again on resume"))
+        assert deblur_table.main([*argv, "--resume"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["table"]
+    # One step per turn; 2 epochs of 2 steps in all, none repeated, none lost.
+    assert rows["jfb"]["steps"] == rows["implicit"]["steps"] == 4
+    assert rows["jfb"]["epochs"] == rows["implicit"]["epochs"] == 2
+
+
+def test_the_docs_figure_restores_built_in_photographs(table: dict[str, Any]) -> None:
+    """``benchmarks/deblur_photos.py``: whole crops of scikit-image photographs, every method."""
+    checkpoint, out = table["out"] / "jfb" / "best.pt", table["out"] / "photos.png"
+    argv = ["--checkpoint", str(checkpoint), "--table", str(table["out"] / "results.json")]
+    assert deblur_photos.main([*argv, "--size", "16", "--out", str(out)]) == 0
+    from PIL import Image
+
+    with Image.open(out) as image:  # six columns (truth, measurement, CG, TV, PnP, DE-GRAD)
+        assert image.width > 5 * image.height / len(deblur_photos.CROPS)
+
+
+def test_a_signal_stops_the_table_at_a_checkpoint(tmp_path: Path) -> None:
+    argv = [*ARGS[: ARGS.index("--rules")], "--rules", "jfb", "--quiet", "--out", str(tmp_path)]
+    train = deblur_table.flagship.train
+
+    def signalled(*args: Any, **kwargs: Any) -> Any:
+        if args[2].name == "jfb":  # as the handler does on SIGTERM during the first step
+            kwargs["stop"].reason = "SIGTERM"
+        return train(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(deblur_table.flagship, "train", signalled)
+        assert deblur_table.main(argv) == 2  # "stopped by SIGTERM; continue with --resume"
+    saved = torch.load(tmp_path / "jfb" / "last.pt", weights_only=True)
+    assert saved["progress"]["global_step"] == 1 and saved["progress"]["phase"] == "deq"
+    assert deblur_table.main([*argv, "--resume"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["table"]
+    assert rows["jfb"]["steps"] == 4
