@@ -132,19 +132,17 @@ def contraction(
     model: Any, s: Any, images: Any, ctx: ddp.Context, count: int
 ) -> dict[str, list[float]]:
     """The spectral radius of :math:`J_T` at the fixed points of the first ``count`` test
-    images (whole), and whether each estimate settled: the exact rule's adjoint
-    :math:`(I - J_T^\top) u = g` is well conditioned only when it is below 1."""
-    radius: list[float] = []
-    settled: list[float] = []
-    for index, x in load(images, [list(range(min(count, len(images))))]):
-        A, x = flagship.cell_of(model).operator, x.to(ctx.device)
-        d = flagship.measure(A, x, image_seeds(TEST_SEED, "test", 0, index), s.noise_std)
-        z0 = flagship.cell_of(model).initial_point(d, method="cg")
-        solver = flagship.make_solver(s, s.eval_max_iter)
-        with torch.no_grad():
-            probe = model(d, z0=z0, solver=solver, spectral_radius=True).spectral_radius
-        radius, settled = probe.radius.tolist(), probe.converged.float().tolist()
-    return {"radius": radius, "radius_settled": settled}
+    images (whole), and whether each estimate settled: near or above 1, :math:`I - J_T` is
+    nearly singular and the exact rule's adjoint :math:`(I - J_T^\top) u = g` ill-conditioned."""
+    index = list(range(min(count, len(images))))
+    x = torch.stack([images[i] for i in index]).to(ctx.device)
+    cell = flagship.cell_of(model)
+    d = flagship.measure(cell.operator, x, image_seeds(TEST_SEED, "test", 0, index), s.noise_std)
+    solver = flagship.make_solver(s, s.eval_max_iter)
+    with torch.no_grad():
+        z0 = cell.initial_point(d, method="cg")
+        probe = model(d, z0=z0, solver=solver, spectral_radius=True).spectral_radius
+    return {"radius": probe.radius.tolist(), "radius_settled": probe.converged.float().tolist()}
 
 
 def resumed(folder: Path, resume: bool) -> dict[str, Any] | None:
