@@ -15,11 +15,9 @@ learned and :math:`\Pi` the clamp to :math:`[-1, 1]`. As in Liu, Tong & Zhao (20
 network is trained with JFB: the loss's gradient flows through one application of :math:`T`
 at the detached fixed point (``--backward`` picks another of the library's rules).
 
-``python examples/deblur_celeba.py`` is the CPU demo on photographs shipped with scikit-image
-(minutes on two cores); ``train --data-dir DIR [--preset small|cpu128|paper]`` trains on CelebA
-(``torchrun`` for several processes); ``evaluate --checkpoint`` and ``restore --checkpoint
---input --output [--simulate]`` use a checkpoint; ``--help`` lists every setting. Image files,
-checkpoints, ``torchrun``, figures and the command line live in ``examples/deblur/``.
+``python examples/deblur_celeba.py`` is the CPU demo on scikit-image's photographs (minutes on
+two cores); ``train --data-dir DIR [--preset small|cpu128|paper]`` trains on CelebA (``torchrun``
+for several processes); ``evaluate`` and ``restore`` use a checkpoint; ``--help`` lists them all.
 """
 
 from __future__ import annotations
@@ -34,14 +32,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __package__ in (None, ""):  # run as a script: make the helper package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dataclasses
 import json
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -59,14 +56,13 @@ from tqdm.auto import tqdm
 import implicitlayers as il
 from implicitlayers import imaging
 from implicitlayers.backward import BACKWARDS
-from implicitlayers.imaging import DEGRADCell, LinearOperator
+from implicitlayers.imaging import ContractiveDnCNN, DEGRADCell, LinearOperator
 from implicitlayers.solvers import SOLVERS
 
 logger = logging.getLogger("deblur")
 
+
 # ----------------------------------------------------------------------------- settings
-
-
 @dataclass(frozen=True)
 class Settings:
     """Everything that defines a run, stored in its checkpoints. Each field is a flag
@@ -161,23 +157,13 @@ def resolve(preset: str | None, overrides: dict[str, Any]) -> Settings:
 
 
 # ---------------------------------------------------------------------- the measurement
-
-
+@torch.no_grad()
 def measure(A: LinearOperator, x: Tensor, seeds: list[int], std: float) -> Tensor:
     r""":math:`d = A x + \sigma e`: each image is blurred with zero padding at its own border."""
-    with torch.no_grad():
-        d: Tensor = A(x) + std * noise(seeds, x.shape[1:]).to(x)
-    return d
-
-
-def tikhonov(A: LinearOperator, d: Tensor) -> Tensor:
-    r"""The classical anchor: :math:`(A^\top A + 0.01 I) x = A^\top d` by 60 CG steps."""
-    return imaging.tikhonov_cg(A, d, lam=0.01, steps=60).clamp(-1, 1)
+    return cast(Tensor, A(x) + std * noise(seeds, x.shape[1:]).to(x))
 
 
 # ------------------------------------------------------------------------ model and DEQ
-
-
 def make_solver(s: Settings, max_iter: int | None = None) -> il.AbstractSolver:
     """The forward solver ``--solver``; ``atol`` bounds the residual's RMS per pixel."""
     budget = s.max_iter if max_iter is None else max_iter
@@ -207,9 +193,7 @@ def build_model(s: Settings) -> il.DEQ:
     A, size = imaging.GaussianBlur(s.kernel_size, s.blur_std), (s.train_crop or s.image_size,) * 2
     try:  # the library checks the network's settings
         if s.cell == "contractive":
-            D = imaging.ContractiveDnCNN(
-                3, s.depth, s.width, lipschitz=s.lipschitz, input_size=size
-            )
+            D = ContractiveDnCNN(3, s.depth, s.width, lipschitz=s.lipschitz, input_size=size)
             cell = DEGRADCell.contractive(A, D, step_size=s.step_size)
         else:
             norms = {"batch_norm": s.batch_norm, "spectral_norm": s.spectral_norm}
@@ -246,7 +230,7 @@ def fit_norms(model: il.DEQ, size: tuple[int, int], *, training: bool, step: int
     """
     D = cell_of(model).regularizer
     with torch.no_grad():
-        if isinstance(D, imaging.ContractiveDnCNN):
+        if isinstance(D, ContractiveDnCNN):
             if not training or D.convs()[0].input_size != size or step % 20 == 0:
                 D.calibrate_exact(size)
             if training:
@@ -258,8 +242,6 @@ def fit_norms(model: il.DEQ, size: tuple[int, int], *, training: bool, step: int
 
 
 # ------------------------------------------------------------------------------ training
-
-
 def train(
     s: Settings,
     splits: Splits,
@@ -274,12 +256,11 @@ def train(
     r"""Pretrain :math:`D`, then train the DEQ end to end, validating after every epoch.
 
     Phase 1: :math:`D(x + \sigma e) \approx x`, :math:`\sigma` uniform in ``[0, 0.1]``.
-    Phase 2: minimise :math:`\|x^\star(d) - x\|^2` through the
-    fixed point with the backward rule (Adam, cosine schedule). ``best.pt`` (by validation
-    PSNR) and ``last.pt`` go to ``out``; a stop request (Ctrl-C, SIGTERM, ``--max-steps``)
-    saves ``last.pt`` and returns. ``start``: a checkpoint, or part of one, to continue from.
-    ``hook(model)`` wraps every DEQ step; the dict it yields joins the step's log record
-    (``benchmarks/deblur_table.py`` measures memory and VJPs there).
+    Phase 2: minimise :math:`\|x^\star(d) - x\|^2` through the fixed point with the backward
+    rule (Adam, cosine schedule). ``best.pt`` (by validation PSNR) and ``last.pt`` go to ``out``;
+    a stop request (Ctrl-C, SIGTERM, ``--max-steps``) saves ``last.pt`` and returns. ``start``:
+    a checkpoint, or part of one, to continue from. ``hook(model)`` wraps every DEQ step; the
+    dict it yields joins the step's log (``benchmarks/deblur_table.py`` counts memory, VJPs).
     """
     stop, start, hook = stop or state.StopFlag(), start or {}, hook or (lambda m: nullcontext({}))
     opts = opts or Options()
@@ -289,7 +270,7 @@ def train(
     total = len(shard(splits.train, s.batch_size, ctx, s.seed)) * s.epochs
     schedule = CosineAnnealingLR(opt, max(total, 1), eta_min=s.lr / 10)
     objects = dict(model=model, pretrain_optimizer=pre_opt, optimizer=opt, scheduler=schedule)
-    meta = {"settings": dataclasses.asdict(s), "data": splits.description}
+    meta = {"settings": asdict(s), "data": splits.description}
     run = state.Run(out, objects, meta, ctx.main, start)  # loads the states and progress
     progress, show = run.progress, ctx.main and not opts.no_progress
 
@@ -367,8 +348,6 @@ def train(
 
 
 # ---------------------------------------------------------------------------- evaluation
-
-
 def evaluate(
     model: il.DEQ,
     s: Settings,
@@ -386,8 +365,7 @@ def evaluate(
     measurement, Tikhonov-CG and DE-GRAD, loss, forward iterations, convergence, PSNR at each
     test-time budget ``k`` (0: the start), seconds, and the first ``keep`` images. Test noise
     is seeded by :data:`TEST_SEED`: every method and run sees the same measurements.
-    ``measured``: the images are measurements already (``restore``; the scores then
-    compare with them)."""
+    ``measured``: the images are measurements already (``restore``; scores compare with them)."""
     A, rows = cell_of(model).operator, defaultdict(list)
     todo = shard(images, s.eval_batch_size, ctx)
     model.eval()
@@ -400,7 +378,9 @@ def evaluate(
             rows["seconds"].append(time.perf_counter() - tic)
             room = max(keep - len(rows["image/x"]), 0)
             rows["image/x"] += list(x[:room].cpu())
-            methods = {"measurement": d.clamp(-1, 1), "tikhonov_cg": tikhonov(A, d)}
+            # The classical anchor, Tikhonov: (A^T A + 0.01 I) x = A^T d by 60 CG steps.
+            cg = imaging.tikhonov_cg(A, d, lam=0.01, steps=60).clamp(-1, 1)
+            methods = {"measurement": d.clamp(-1, 1), "tikhonov_cg": cg}
             for name, v in (methods | {"degrad": x_hat}).items():
                 for metric, values in report.scores(v, x).items():
                     rows[f"{name}/{metric}"] += values.tolist()
@@ -420,15 +400,13 @@ def load_model(
 ) -> tuple[dict[str, Any], Settings, il.DEQ]:
     """A checkpoint, its settings (with ``overrides``) and its trained model, in eval mode."""
     saved = state.load(path)
-    s = dataclasses.replace(Settings(**saved["settings"]), **overrides)
+    s = replace(Settings(**saved["settings"]), **overrides)
     model = build_model(s).to(ddp.pick_device(s.device))
     model.load_state_dict(saved["model"])
     return saved, s, model.eval()
 
 
 # ------------------------------------------------------------------------------ commands
-
-
 def cmd_train(opts: Options, overrides: dict[str, Any]) -> int:
     """``train``: pretrain, train, then evaluate the best checkpoint on the test split."""
     out = Path(opts.output_dir)
@@ -441,12 +419,12 @@ def cmd_train(opts: Options, overrides: dict[str, Any]) -> int:
         logger.info("model: DE-GRAD, %s; %d process(es) on %s", what, ctx.world, ctx.device)
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
+            (out / "settings.json").write_text(json.dumps(asdict(s), indent=2))
             (out / "split.json").write_text(json.dumps(splits.files(), indent=2))
         with state.stop_on_signals(state.StopFlag()) as stop:
             progress = train(s, splits, out, ctx, opts, start=start, stop=stop)[1]
     if progress.phase == "done" and ctx.main and not opts.no_evaluate:
-        cmd_evaluate(dataclasses.replace(opts, checkpoint=str(out / "best.pt")), {})
+        cmd_evaluate(replace(opts, checkpoint=str(out / "best.pt")), {})
     return 0
 
 
@@ -461,7 +439,7 @@ def cmd_evaluate(opts: Options, overrides: dict[str, Any]) -> int:
     rows = evaluate(model, s, splits.test, ctx, budgets=budgets, keep=s.figure_samples, bars=bars)
     bound = cell_of(model).lipschitz_bound() if s.cell == "contractive" else None
     about = {"checkpoint": str(path), "data": splits.description, "lipschitz_bound": bound}
-    report.write(rows, out, saved, about | {"settings": dataclasses.asdict(s)})
+    report.write(rows, out, saved, about | {"settings": asdict(s)})
     if not opts.quiet:
         print((out / "results.md").read_text() + f"\nresults and figures in {out.resolve()}")
     return 0
@@ -470,13 +448,23 @@ def cmd_evaluate(opts: Options, overrides: dict[str, Any]) -> int:
 def cmd_restore(opts: Options, overrides: dict[str, Any]) -> int:
     """``restore``: deblur an image file of any size (the cell is convolutional); with
     ``--simulate`` measure it first, then score the measurement, Tikhonov-CG and DE-GRAD."""
-    data.check_restore(opts.input, opts.output)
+    if not Path(opts.input).is_file():
+        raise SettingsError(f"--input {opts.input!r} does not exist; pass an image file")
+    if Path(opts.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".webp"):
+        raise SettingsError(f"--output {opts.output!r} needs an image suffix such as .png")
     _, s, model = load_model(opts.checkpoint, overrides)
     image, ctx = data.load_image(opts.input), ddp.Context(0, 1, next(model.parameters()).device)
     fit_norms(model, (image.shape[1], image.shape[2]), training=False)
     one = data.Images(image[None])
     rows = evaluate(model, s, one, ctx, tag="restore", keep=1, measured=not opts.simulate)
-    report.restored(rows, opts.input, opts.output, scored=opts.simulate)
+    data.save_image(rows["image/degrad"][0], opts.output)
+    size, seconds = "x".join(map(str, image.shape[1:])), rows["seconds"][0]
+    done = "converged" if rows["converged"][0] else "NOT converged: raise --eval-max-iter"
+    print(f"restored {opts.input} ({size}) -> {opts.output} in {seconds:.2f} s, ", end="")
+    print(f"{rows['iterations'][0]} iterations ({done})")
+    for name in report.METHODS if opts.simulate else ():  # scored against the sharp --input
+        psnr, paper, ssim = (rows[f"{name}/{k}"][0] for k in report.METRICS)
+        print(f"  {name:12s} PSNR {psnr:.2f} dB (paper convention {paper:.2f}), SSIM {ssim:.3f}")
     return 0
 
 

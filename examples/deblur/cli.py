@@ -1,13 +1,12 @@
 """The command line, generated from frozen dataclasses: each setting is declared once.
 
-A field declared with :func:`arg` carries its help (and ``choices``, or ``presets=True`` for
-the presets' names, a lower bound ``low``, ``negatable``, ``required``); :func:`parse` makes it
-a flag (``image_size`` is ``--image-size``) typed by its annotation: ``int``, ``float``,
-``str``, ``X | None``, ``tuple[X, ...]`` (``nargs="+"``), ``bool`` (a switch, or
-``--x/--no-x``). Flags default to ``argparse.SUPPRESS``, so only what was typed comes back:
-presets fill the rest, and ``--resume`` tells an explicit flag from a default. Not tyro or
-jsonargparse: these lines add no dependency, keep ``--help`` fast, and leave validation to the
-dataclass and the library.
+A field declared with :func:`arg` carries its help (and ``choices``, or ``presets=True`` for the
+presets' names, a lower bound ``low``, ``negatable``, ``required``); :func:`parse` makes it a flag
+(``image_size`` is ``--image-size``) typed by its annotation: ``int``, ``float``, ``str``,
+``X | None``, ``tuple[X, ...]`` (``nargs="+"``), ``bool`` (a switch, or ``--x/--no-x``). Flags
+default to ``argparse.SUPPRESS``, so only what was typed comes back: presets fill the rest, and
+``--resume`` tells an explicit flag from a default. Not tyro or jsonargparse: these lines add no
+dependency, keep ``--help`` fast, and leave validation to the dataclass and the library.
 """
 
 from __future__ import annotations
@@ -39,6 +38,11 @@ class Command(NamedTuple):
     help: str
     options: tuple[str, ...]
     settings: tuple[str, ...] | None = None
+
+
+Commands = Mapping[str, Command]  # name -> command; the first is the default
+Presets = Mapping[str, dict[str, Any]]  # name -> the settings it overrides
+Doc = str | None  # the program's docstring: its first paragraph describes it in --help
 
 
 def arg(default: T, help: str, **meta: Any) -> T:
@@ -86,20 +90,17 @@ def check(settings: Any) -> None:
             raise SettingsError(f"{flag} must be >= {meta['low']}, got {value!r}")
 
 
-def add_arguments(
-    parser: Any, cls: type, only: tuple[str, ...] | None, presets: Mapping[str, dict[str, Any]]
-) -> None:
+def add_arguments(parser: Any, cls: type, only: tuple[str, ...] | None, presets: Presets) -> None:
     """One flag per field of dataclass ``cls`` named in ``only`` (all: ``None``); the help
     shows the default and each preset's value."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if only is not None and f.name not in only:
-            continue
+    for f in [f for f in dataclasses.fields(cls) if only is None or f.name in only]:
         kind, meta = hints[f.name], f.metadata
         if type(kind) is types.UnionType:  # X | None
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         values = {"default": f.default} | {n: p[f.name] for n, p in presets.items() if f.name in p}
-        shown = [f"{n}: {_text(v)}" for n, v in values.items()]
+        text = {n: " ".join(map(str, v)) if isinstance(v, tuple) else v for n, v in values.items()}
+        shown = [f"{n}: {v}" for n, v in text.items()]  # a tuple as it is typed: 1 2 5
         options: dict[str, Any] = {"default": argparse.SUPPRESS, "required": meta.get("required")}
         options["help"] = meta["help"] + ("" if meta.get("required") else f" ({'; '.join(shown)})")
         if kind is bool:
@@ -114,12 +115,7 @@ def add_arguments(
 
 
 def parse(
-    argv: list[str],
-    commands: Mapping[str, Command],
-    options: type,
-    settings: type,
-    presets: Mapping[str, dict[str, Any]],
-    doc: str | None,
+    argv: list[str], commands: Commands, options: type, settings: type, presets: Presets, doc: Doc
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """The command (the first when none is named), its options and the settings typed."""
     parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
@@ -139,12 +135,7 @@ def parse(
 
 
 def main(
-    argv: list[str],
-    commands: Mapping[str, Command],
-    options: type,
-    settings: type,
-    presets: Mapping[str, dict[str, Any]],
-    doc: str | None,
+    argv: list[str], commands: Commands, options: type, settings: type, presets: Presets, doc: Doc
 ) -> int:
     """Parse ``argv``, log to the console through tqdm, run the command; a
     :class:`SettingsError` becomes a message naming the flag and exit code 2."""
@@ -160,7 +151,3 @@ def main(
     except SettingsError as err:
         print(f"{Path(sys.argv[0]).name} {name}: error: {err}", file=sys.stderr)
         return 2
-
-
-def _text(value: Any) -> str:
-    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)

@@ -2,11 +2,10 @@
 
 Every image is a ``(3, H, W)`` float32 tensor with pixels in :math:`[-1, 1]`.
 
-* Built-in (no ``--data-dir``): crops of photographs shipped with scikit-image, downscaled
-  by 1/2 so that a crop holds whole structures. Training crops come from the top four
-  fifths of :data:`TRAIN_PHOTOS`, validation crops from their bottom fifth, test crops from
-  the different photographs :data:`TEST_PHOTOS`, drawn with :data:`TEST_SEED` whatever the
-  run's seed.
+* Built-in (no ``--data-dir``): crops of scikit-image's photographs, downscaled by 1/2 so that
+  a crop holds whole structures. Training crops come from the top four fifths of
+  :data:`TRAIN_PHOTOS`, validation crops from their bottom fifth, test crops from the other
+  photographs :data:`TEST_PHOTOS`, drawn with :data:`TEST_SEED` whatever the run's seed.
 * CelebA: the JPEGs of ``img_align_celeba`` (or the folder itself), resized bilinearly by
   Pillow. The first 10,000 files by name are shuffled with ``--split-seed`` and cut 80/20
   into train and test; the last ``--val-size`` training files are the validation set.
@@ -134,14 +133,6 @@ def load_image(path: str | Path, size: int | None = None) -> Tensor:
         if size is not None:
             rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
         return to_tensor(np.asarray(rgb, dtype=np.uint8))
-
-
-def check_restore(source: str, target: str) -> None:
-    """``restore``'s ``--input`` must be an image file, its ``--output`` an image file name."""
-    if not Path(source).is_file():
-        raise SettingsError(f"--input {source!r} does not exist; pass an image file")
-    if Path(target).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".webp"):
-        raise SettingsError(f"--output {target!r} needs an image suffix such as .png")
 
 
 def save_image(x: Tensor, path: str | Path) -> None:

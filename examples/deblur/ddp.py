@@ -8,6 +8,7 @@ CPU) and each process takes GPU ``LOCAL_RANK``. Rank 0 alone writes logs and che
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from .cli import SettingsError
 
 
 @dataclass(frozen=True)
-class Context:
+class Context(AbstractContextManager["Context"]):
     """This process's rank, the number of processes and the device."""
 
     rank: int
@@ -47,9 +48,6 @@ class Context:
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any process, so that all stop at the same step."""
         return self.sum([float(flag)])[0] > 0
-
-    def __enter__(self) -> Context:
-        return self
 
     def __exit__(self, *error: object) -> None:
         """Leave the process group after a final barrier."""

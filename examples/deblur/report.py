@@ -17,7 +17,6 @@ from torch import Tensor
 
 from implicitlayers import imaging
 
-from .data import save_image
 from .state import read_log
 
 METHODS = {"measurement": "Measurement (blurred, noisy)"}
@@ -43,85 +42,63 @@ def write(
     mean = {k: statistics.fmean(v) for k, v in rows.items() if not k.startswith("image/")}
     table = {m: {k: mean[f"{m}/{k}"] for k in METRICS} for m in METHODS}
     budgets = {k.split("/")[1]: v for k, v in mean.items() if k.startswith("budget/")}
-    its = rows["iterations"]
+    its, images, cg = rows["iterations"], len(rows["loss"]), table["tikhonov_cg"]["psnr_standard"]
     iterations = {"mean": mean["iterations"], "median": statistics.median(its), "max": max(its)}
-    results = {
-        **about,
-        "images": len(rows["loss"]),
-        "image_shape": list(rows["image/x"][0].shape),
-        "table": table,
-        "gain_over_cg_db": table["degrad"]["psnr_standard"] - table["tikhonov_cg"]["psnr_standard"],
-        "forward_iterations": iterations | {"converged_fraction": mean["converged"]},
-        "images_per_second": len(rows["loss"]) / sum(rows["seconds"]),
-        "budget_psnr_standard": dict(sorted(budgets.items(), key=lambda kv: int(kv[0]))),
-    }
+    results = about | {"images": images, "image_shape": list(rows["image/x"][0].shape)}
+    results |= {"table": table, "gain_over_cg_db": table["degrad"]["psnr_standard"] - cg}
+    results |= {"forward_iterations": iterations | {"converged_fraction": mean["converged"]}}
+    results |= {"images_per_second": images / sum(rows["seconds"])}
+    results["budget_psnr_standard"] = dict(sorted(budgets.items(), key=lambda kv: int(kv[0])))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
     columns = {name: rows[f"image/{key}"] for key, name in _names(results).items()}
     image_grid({"Ground truth": rows["image/x"], **columns}, out / "reconstructions.png")
-    cg = table["tikhonov_cg"]["psnr_standard"]
     budget_curve(results["budget_psnr_standard"], cg, out / "psnr_vs_iterations.png")
     loss_curves(read_log(Path(about["checkpoint"]).parent / "log.jsonl"), out / "loss_curves.png")
     return results
 
 
-def restored(rows: dict[str, list[Any]], source: str, target: str, *, scored: bool) -> None:
-    """Write ``restore``'s one DE-GRAD image to ``target`` and say how the solve went;
-    ``scored`` (``--simulate``): with the PSNR and SSIM of each method against ``source``."""
-    save_image(rows["image/degrad"][0], target)
-    size, seconds = "x".join(map(str, rows["image/x"][0].shape[1:])), rows["seconds"][0]
-    done = "converged" if rows["converged"][0] else "NOT converged: raise --eval-max-iter"
-    print(f"restored {source} ({size}) -> {target} in {seconds:.2f} s, ", end="")
-    print(f"{rows['iterations'][0]} iterations ({done})")
-    for name in METHODS if scored else ():
-        psnr, paper, ssim = (rows[f"{name}/{k}"][0] for k in METRICS)
-        print(f"  {name:12s} PSNR {psnr:.2f} dB (paper convention {paper:.2f}), SSIM {ssim:.3f}")
-
-
 def markdown(r: dict[str, Any]) -> str:
     """The flagship's ``results.md`` from its ``results.json`` dict."""
-    s, it, budgets = r["settings"], r["forward_iterations"], r["budget_psnr_standard"]
-    lines = [
-        "# DE-GRAD deblurring results",
-        "",
-        f"- Data: {r['data']}",
-        f"- Measurement: {s['kernel_size']}x{s['kernel_size']} Gaussian blur, std "
-        f"{s['blur_std']:g}, zero padding; noise std {s['noise_std']:g} on [-1, 1] pixels",
-        f"- Checkpoint: `{r['checkpoint']}` ({r['trained_steps']} DEQ steps, "
-        f"{s['backward']} backward, {s['cell']} cell)",
-        f"- Solver: {s['solver']}, max_iter {s['eval_max_iter']}, rtol {s['rtol']:g}, "
-        f"atol {s['atol']:g} (per-pixel RMS)",
-        f"- Test images: {r['images']}, whole, {r['image_shape'][1]}x{r['image_shape'][2]}",
-        "",
-        "| Method | PSNR (dB, [0,1] peak 1) | PSNR (dB, paper: [-1,1] peak 1) | SSIM |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, row in zip(_names(r).values(), r["table"].values(), strict=True):
-        cells = f"{row['psnr_standard']:.2f} | {row['psnr_paper']:.2f} | {row['ssim']:.3f}"
-        lines.append(f"| {name} | {cells} |")
-    lines += [
-        "",
-        f"DE-GRAD minus Tikhonov-CG: **{r['gain_over_cg_db']:+.2f} dB**.",
-        "",
-        f"Forward iterations per image: mean {it['mean']:.1f}, median {it['median']}, max "
-        f"{it['max']}; converged to tolerance: {100 * it['converged_fraction']:.1f}%. "
-        f"Throughput: {r['images_per_second']:.1f} images/s.",
-    ]
+    s, it, budgets, bound = r["settings"], r["forward_iterations"], r["budget_psnr_standard"], ""
+    rows = "\n".join(
+        f"| {name} | {row['psnr_standard']:.2f} | {row['psnr_paper']:.2f} | {row['ssim']:.3f} |"
+        for name, row in zip(_names(r).values(), r["table"].values(), strict=True)
+    )
     if r.get("lipschitz_bound") is not None:
-        lines += ["", f"Contractive cell: certified Lip(T) <= **{r['lipschitz_bound']:.4f}**."]
-    lines += [
-        "",
-        "## PSNR (standard convention) against the test-time iteration budget",
-        "",
-        "| max_iter | " + " | ".join(budgets) + " |",
-        "|---|" + "---:|" * len(budgets),
-        "| PSNR (dB) | " + " | ".join(f"{v:.2f}" for v in budgets.values()) + " |",
-        "",
-        "(max_iter 0 is the initial point, 10 Tikhonov-CG steps. The paper's Table 2, beside"
-        " ours: `python benchmarks/deblur_table.py`.)",
-    ]
-    return "\n".join(lines) + "\n"
+        bound = f"\n\nContractive cell: certified Lip(T) <= **{r['lipschitz_bound']:.4f}**."
+    return f"""\
+# DE-GRAD deblurring results
+
+- Data: {r["data"]}
+- Measurement: {s["kernel_size"]}x{s["kernel_size"]} Gaussian blur, std {s["blur_std"]:g}, \
+zero padding; noise std {s["noise_std"]:g} on [-1, 1] pixels
+- Checkpoint: `{r["checkpoint"]}` ({r["trained_steps"]} DEQ steps, {s["backward"]} backward, \
+{s["cell"]} cell)
+- Solver: {s["solver"]}, max_iter {s["eval_max_iter"]}, rtol {s["rtol"]:g}, atol {s["atol"]:g} \
+(per-pixel RMS)
+- Test images: {r["images"]}, whole, {r["image_shape"][1]}x{r["image_shape"][2]}
+
+| Method | PSNR (dB, [0,1] peak 1) | PSNR (dB, paper: [-1,1] peak 1) | SSIM |
+|---|---:|---:|---:|
+{rows}
+
+DE-GRAD minus Tikhonov-CG: **{r["gain_over_cg_db"]:+.2f} dB**.
+
+Forward iterations per image: mean {it["mean"]:.1f}, median {it["median"]}, max {it["max"]}; \
+converged to tolerance: {100 * it["converged_fraction"]:.1f}%. \
+Throughput: {r["images_per_second"]:.1f} images/s.{bound}
+
+## PSNR (standard convention) against the test-time iteration budget
+
+| max_iter | {" | ".join(budgets)} |
+|---|{"---:|" * len(budgets)}
+| PSNR (dB) | {" | ".join(f"{v:.2f}" for v in budgets.values())} |
+
+(max_iter 0 is the initial point, 10 Tikhonov-CG steps. The paper's Table 2, beside ours: \
+`python benchmarks/deblur_table.py`.)
+"""
 
 
 def image_grid(columns: dict[str, list[Tensor]], path: Path) -> None:
@@ -143,8 +120,7 @@ def image_grid(columns: dict[str, list[Tensor]], path: Path) -> None:
 
 def loss_curves(records: list[dict[str, Any]], path: Path) -> None:
     """Save loss, validation PSNR and solver work from the JSON-lines records."""
-    train = [r for r in records if r["event"] == "train"]
-    val = [r for r in records if r["event"] == "val"]
+    train, val = ([r for r in records if r["event"] == event] for event in ("train", "val"))
     fig, (loss, quality, work) = plt.subplots(1, 3, figsize=(13, 3.6), layout="tight")
     per_epoch = max(sum(r["epoch"] == 0 for r in train), 1)
     val_epochs = [r["epoch"] for r in val]
@@ -168,9 +144,8 @@ def budget_curve(budgets: dict[str, float], cg_psnr: float, path: Path) -> None:
     """Save PSNR against the test-time iteration budget, with the Tikhonov-CG anchor."""
     ks = [max(int(k), 0.5) for k in budgets]  # 0 (the start) drawn at 0.5 on the log axis
     fig, ax = plt.subplots(figsize=(4.5, 3.4), layout="tight")
-    ax.plot(ks, list(budgets.values()), "o-", label="DE-GRAD")
+    ax.semilogx(ks, list(budgets.values()), "o-", label="DE-GRAD")
     ax.axhline(cg_psnr, color="gray", ls="--", label="Tikhonov-CG")
-    ax.set_xscale("log")
     ax.set_xticks(ks, list(budgets))
     ax.set(xlabel="test-time max_iter (0 = initial point)", ylabel="PSNR (dB, [0,1] peak 1)")
     ax.legend(fontsize=8)

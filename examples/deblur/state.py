@@ -9,7 +9,6 @@ returns, and ``--resume`` continues from exactly that step. A second Ctrl-C abor
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,6 @@ def resumed(
 
 def save(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` ``state`` to ``path`` atomically (temporary file, fsync, replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -90,8 +88,7 @@ def save(state: dict[str, Any], path: Path) -> None:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint of this example with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise SettingsError(
             f"--checkpoint {str(path)!r} does not exist; train first (train writes best.pt "
             "and last.pt into --output-dir)"
@@ -122,7 +119,7 @@ class Run:
     objects: dict[str, Any]
     meta: dict[str, Any]
     main: bool
-    start: dict[str, Any] = dataclasses.field(default_factory=dict)
+    start: dict[str, Any]
 
     def __post_init__(self) -> None:
         for key in self.objects.keys() & self.start.keys():
@@ -149,7 +146,7 @@ class Run:
         self.progress.seconds = time.perf_counter() - self.began
         if self.main:
             saved = {k: obj.state_dict() for k, obj in self.objects.items()} | self.meta
-            saved |= {"progress": dataclasses.asdict(self.progress), "metrics": metrics or {}}
+            saved |= {"progress": asdict(self.progress), "metrics": metrics or {}}
             save(saved, self.out / name)
 
     def log_step(
@@ -158,13 +155,12 @@ class Run:
         """Log a DEQ training step: its ``scalars``, the forward solve's iterations (mean, max)
         and converged fraction, and the adjoint solve's (``None``: the rule solves none)."""
         p, steps = self.progress, forward.n_steps.float()
-        self.log(
-            {"event": "train", "epoch": p.epoch, "step": p.global_step, **scalars}
-            | {"fwd_iters_mean": steps.mean().item(), "fwd_iters_max": int(steps.max())}
-            | {"converged": forward.converged.float().mean().item()}
-            | {"backward_iters": backward and backward.n_steps.float().mean().item()}
-            | {"backward_converged": backward and backward.converged.float().mean().item()}
-        )
+        record = {"event": "train", "epoch": p.epoch, "step": p.global_step, **scalars}
+        record |= {"fwd_iters_mean": steps.mean().item(), "fwd_iters_max": int(steps.max())}
+        record["converged"] = forward.converged.float().mean().item()
+        record["backward_iters"] = backward and backward.n_steps.float().mean().item()
+        record["backward_converged"] = backward and backward.converged.float().mean().item()
+        self.log(record)
 
     def validated(self, metrics: dict[str, Any]) -> None:
         """Log a validation's ``metrics`` (to ``log.jsonl`` and the console) and save ``last.pt``,

@@ -10,10 +10,9 @@ exact implicit gradient, as the layer's contraction factor :math:`\\gamma` grows
 # %%
 # The layer is :math:`f(z, x) = \tanh(\gamma\, W z + U x)` with :math:`W` symmetric, its
 # eigenvalues spread over :math:`[-1, 1]`, so :math:`\gamma` bounds the Lipschitz constant in
-# :math:`z` and the largest eigenvalues of :math:`J` approach :math:`\gamma`. For the exact
-# gradient we build each sample's Jacobian :math:`J = \partial f / \partial z` at the fixed
-# point densely (:math:`n = 32`), solve :math:`(I - J^\top) u = \partial L / \partial z^\star`,
-# and backpropagate :math:`u` through one application of :math:`f`.
+# :math:`z` and the largest eigenvalues of :math:`J` approach :math:`\gamma`. The exact gradient
+# (:doc:`/guide/backward`) solves :math:`(I - J^\top) u = \partial L / \partial z^\star` with
+# each sample's dense Jacobian (:math:`n = 32`) and backpropagates :math:`u` through :math:`f`.
 
 import matplotlib.pyplot as plt
 import torch
@@ -60,20 +59,17 @@ def exact_gradient(layer: Layer) -> torch.Tensor:
 
 
 # %%
-# Sweep the contraction factor and record each rule's cosine similarity with the exact
-# gradient, and its relative error in norm.
+# Sweep :math:`\gamma`; record each rule's cosine similarity with the exact gradient and its error.
 
 gammas = [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
+adjoint_solver = il.Anderson(max_iter=100, atol=0.0, rtol=1e-10)
 rules = {
     "JFB": il.JFB(),
     "Neumann, 2 terms": il.Neumann(terms=2),
     "Neumann, 8 terms": il.Neumann(terms=8),
-    "implicit (Anderson)": il.ImplicitDifferentiation(
-        solver=il.Anderson(max_iter=100, atol=0.0, rtol=1e-10)
-    ),
+    "implicit (Anderson)": il.ImplicitDifferentiation(solver=adjoint_solver),
 }
-similarity = {name: [] for name in rules}
-rel_error = {name: [] for name in rules}
+similarity, rel_error = {name: [] for name in rules}, {name: [] for name in rules}
 for gamma in gammas:
     torch.manual_seed(1)
     layer = Layer(gamma)
@@ -97,11 +93,7 @@ ax0.legend()
 plt.show()
 
 # %%
-# JFB's gradient is nearly exact while the layer is strongly contractive and drifts away as
-# :math:`\gamma \to 1`, where :math:`(I - J^\top)^{-1}` is far from the identity; its cosine
-# similarity stays positive here, so it is still a descent direction, but a worse one. Neumann
-# with :math:`k` terms has error of order :math:`\gamma^{k+1}`, so a few terms close most of
-# the gap at moderate :math:`\gamma`. The adjoint solve of
-# :class:`~implicitlayers.ImplicitDifferentiation` matches the exact gradient to its tolerance
-# at every :math:`\gamma`, at the price of a fixed-point solve in every backward pass. See
-# :doc:`/guide/backward` for the derivations.
+# JFB is nearly exact while the layer is strongly contractive and drifts away (still a descent
+# direction) as :math:`\gamma \to 1`; Neumann's error is of order :math:`\gamma^{k+1}`; the
+# implicit rule is exact at every :math:`\gamma`, for an adjoint solve per backward pass.
+# :doc:`/guide/backward` derives the three.

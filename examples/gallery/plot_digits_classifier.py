@@ -2,22 +2,18 @@
 An MDEQ-style classifier of handwritten digits
 ==============================================
 
-Train a small convolutional deep equilibrium model, a one-resolution version of the
-multiscale DEQ (MDEQ) of Bai et al. (2020), on scikit-learn's bundled digits (1,797 images of
-8 × 8 pixels), end to end on a CPU. Four variants share the seed, the data and the number of
-epochs: Jacobian-free backpropagation (:class:`~implicitlayers.JFB`), JFB with the Jacobian
-regulariser of Bai, Koltun & Kolter (2021), the phantom gradient of Geng et al. (2021)
-(:class:`~implicitlayers.PhantomGradient`), and an explicit network built from the
-same layers. Per epoch we record the test accuracy, the forward solver's iterations, and the
-spectral radius of the cell's Jacobian at the fixed point.
+Train a one-resolution MDEQ (Bai et al., 2020) on scikit-learn's 8 × 8 digits on a CPU, four
+ways: :class:`~implicitlayers.JFB`, JFB with the Jacobian penalty of Bai, Koltun & Kolter
+(2021), :class:`~implicitlayers.PhantomGradient` (Geng et al., 2021), and an explicit network
+of the same layers; per epoch, record test accuracy, solver iterations and the spectral radius
+of the cell's Jacobian. :doc:`/tutorials/digits_results` has a longer run and what it means.
 """
 
 # %%
 # Settings
 # --------
 #
-# ``IMPLICITLAYERS_GALLERY_FULL=1`` trains longer (:doc:`/tutorials/digits_results`);
-# ``IMPLICITLAYERS_GALLERY_QUICK=1`` (the test suite) runs one short epoch.
+# ``IMPLICITLAYERS_GALLERY_FULL=1``: a longer run; ``IMPLICITLAYERS_GALLERY_QUICK=1``: one epoch.
 
 import os
 import time
@@ -90,11 +86,9 @@ print(f"{len(train_set)} training and {len(test_labels)} test images")
 #     f(z, x) = \mathrm{GN}\Big(\mathrm{ReLU}\big(z + \mathrm{GN}(W_2 * y + x)\big)\Big),
 #     \qquad y = \mathrm{drop}\big(\mathrm{ReLU}(\mathrm{GN}(W_1 * z))\big),
 #
-# with GroupNorm GN, spectral-normed 3 × 3 convolutions and
-# :class:`~implicitlayers.nn.VariationalDropout2d`. A DEQ's forward enters
-# :func:`~implicitlayers.nn.one_map`: the normalised weights and the dropout mask are computed
-# once, so the solver iterates one map. The explicit network applies the same cell
-# ``explicit_depth`` times from :math:`z = 0` with :func:`~implicitlayers.unroll`.
+# with GroupNorm GN, spectral-normed 3 × 3 convolutions and variational dropout, whose weights
+# and mask stay fixed during a solve (:doc:`/guide/one_map`). The explicit network applies the
+# cell ``explicit_depth`` times from :math:`z = 0` with :func:`~implicitlayers.unroll`.
 
 
 class Cell(nn.Module):
@@ -102,9 +96,7 @@ class Cell(nn.Module):
         super().__init__()
         self.conv1 = spectral_norm(nn.Conv2d(channels, channels, 3, padding=1, bias=False))
         self.conv2 = spectral_norm(nn.Conv2d(channels, channels, 3, padding=1, bias=False))
-        self.norm1 = nn.GroupNorm(groups, channels)
-        self.norm2 = nn.GroupNorm(groups, channels)
-        self.norm3 = nn.GroupNorm(groups, channels)
+        self.norm1, self.norm2, self.norm3 = (nn.GroupNorm(groups, channels) for _ in range(3))
         self.drop = il.nn.VariationalDropout2d(dropout)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -152,9 +144,8 @@ variants = {
 # Training and evaluation
 # -----------------------
 #
-# Adam with a cosine schedule. After every epoch (and before training) the model is evaluated
-# on the test split: accuracy, forward iterations, converged fraction and, on a fixed batch,
-# the spectral radius :math:`\rho(J_f(z^\star))` (``deq(x, spectral_radius=True)``).
+# Adam with a cosine schedule; before training and after every epoch, the test accuracy,
+# iterations, converged fraction and :math:`\rho(J_f(z^\star))` (``spectral_radius=True``).
 
 
 def mean(values: torch.Tensor) -> float:
@@ -225,18 +216,14 @@ plt.show()
 
 print(f"{'variant':24s} params accuracy   iterations    converged       radius s/epoch")
 for name, (params, history) in runs.items():
-    first, last = history[1], history[-1]
+    first, last = history[1], history[-1]  # after the first epoch, and at the end
+    decimals = {"iterations": 1, "converged": 2, "radius": 3}
+    change = [f"{first[k]:5.{p}f} -> {last[k]:4.{p}f}" for k, p in decimals.items()]
     seconds = sum(h["seconds"] for h in history[1:]) / settings.epochs
-    print(
-        f"{name:24s} {params:6d} {last['accuracy']:8.3f} "
-        f"{first['iterations']:5.1f} -> {last['iterations']:4.1f} "
-        f"{first['converged']:5.2f} -> {last['converged']:4.2f} "
-        f"{first['radius']:5.3f} -> {last['radius']:4.3f} {seconds:7.2f}"
-    )
+    print(f"{name:24s} {params:6d} {last['accuracy']:8.3f}", *change, f"{seconds:7.2f}")
 torch.set_num_threads(threads)
 
 # %%
 # Trained with JFB alone the cell drifts towards the edge of contraction (:math:`\rho \to 1`,
 # more iterations, fewer converged samples); the Jacobian penalty pulls :math:`\rho` down and
-# shortens the solves. The figures of a longer run, and what they mean, are in
-# :doc:`/tutorials/digits_results`.
+# shortens the solves (:doc:`/tutorials/digits_results`).

@@ -7,9 +7,8 @@ Wrap an ``nn.Module`` in :class:`~implicitlayers.DEQ`, read the
 """
 
 # %%
-# A DEQ layer's output is the fixed point :math:`z^\star = f(z^\star, x)` of a cell
-# :math:`f`. Any ``nn.Module`` with the signature ``forward(z, x)`` will do; this one is a
-# contraction in :math:`z` as long as ``0.5 * lin`` has spectral norm below one.
+# A DEQ layer's output is the fixed point :math:`z^\star = f(z^\star, x)` of a cell: any
+# ``nn.Module`` with ``forward(z, x)``, here a contraction in :math:`z` (:doc:`/getting_started`).
 
 import matplotlib.pyplot as plt
 import torch
@@ -33,10 +32,8 @@ deq = il.DEQ(Cell(16), solver=il.Anderson(max_iter=50, rtol=1e-4), backward=il.J
 print(deq)
 
 # %%
-# Calling the layer runs the solver without recording autograd history, then attaches the
-# fixed point to the graph through one application of the cell. It returns a
-# :class:`~implicitlayers.DEQOutput`: the fixed point and the solve's result, with one entry
-# per sample.
+# Calling the layer returns a :class:`~implicitlayers.DEQOutput`: the fixed point and the
+# solve's result, one entry per sample.
 
 x = torch.randn(256, 16)
 z, result = deq(x)
@@ -46,8 +43,7 @@ print("steps per sample (first 8):", result.n_steps[:8].tolist())
 print("largest residual:", f"{result.residual.max():.2e}")
 
 # %%
-# Train it like any other layer. Here the layer and a linear head learn a smooth function of
-# the inputs. ``result.n_steps`` tells us how hard the solver works as the weights change.
+# Train it like any other layer; ``result.n_steps`` shows how hard the solver works.
 
 target = torch.sin(x[:, :4].sum(dim=1, keepdim=True))
 head = torch.nn.Linear(16, 1)
@@ -71,8 +67,7 @@ ax1.set(xlabel="training step", ylabel="mean solver steps", title="Forward solve
 plt.show()
 
 # %%
-# At test time a larger budget or tighter tolerance can be passed per call, without touching
-# the training configuration:
+# At test time, pass a larger budget or a tighter tolerance for one call:
 
 with torch.no_grad():
     z, result = deq(x, solver=il.Anderson(max_iter=100, rtol=1e-6))
