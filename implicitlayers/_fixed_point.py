@@ -67,12 +67,15 @@ def fixed_point(
             :math:`k` the solve did not reach, gives the sample's returned iterate. Memory:
             one state per entry, whatever ``max_iter`` is.
         host_reads: Whether the loop may read per-sample flags on the host every iteration.
-            ``None`` (default): where that is free, i.e. on the CPU. ``False``: the loop reads
-            the host only once every ``check_every`` iterations (to stop once no sample runs),
-            as it does on a GPU; between two reads it launches no synchronisation, so the
-            chunk can be captured by ``torch.compile`` as one graph (see the guide's compile
-            recipe). ``True``: read every iteration anywhere. The results are the same to
-            the last bit; only the operations and host reads per iteration differ.
+            ``None`` (default): where that is free (the CPU), and on any device with
+            ``check_every=1``, where the other path would read the host every iteration too
+            but launch two to four times as many operations. ``False``: the loop reads the
+            host only once every ``check_every`` iterations (to stop once no sample runs), as
+            it does on a GPU with ``check_every > 1``; between two reads it launches no
+            synchronisation, so the chunk can be captured by ``torch.compile`` as one graph
+            (see the guide's compile recipe). ``True``: read every iteration anywhere. The
+            results are the same to the last bit; only the operations and host reads per
+            iteration differ.
 
     Returns:
         A :class:`~implicitlayers.SolverResult`; ``result.z`` holds the solution.

@@ -214,6 +214,20 @@ def test_host_reads_is_validated():
         il.fixed_point(lambda z: z, torch.zeros(1, 1), host_reads="sometimes")
 
 
+@pytest.mark.parametrize(
+    ("device", "check_every", "reads"),
+    [("cpu", 1, True), ("cpu", 8, True), ("cuda", 1, True), ("cuda", 8, False), ("mps", 2, False)],
+)
+def test_the_default_path_reads_the_host_where_free_or_every_iteration_anyway(
+    device, check_every, reads
+):
+    # With check_every=1 the chunked path would read the host every iteration as well, so the
+    # default takes the path with reads (fewer operations) on every device.
+    from implicitlayers.solvers._loop import default_host_reads
+
+    assert default_host_reads(torch.device(device), check_every) is reads
+
+
 def test_a_state_of_images_and_a_non_contiguous_f_output_are_handled():
     conv = torch.nn.Conv2d(2, 2, 3, padding=1, bias=False).double()
     with torch.no_grad():

@@ -169,9 +169,81 @@ def run(ctx: SuiteContext) -> SuiteResult:
                 relative_residual=traces[problem.name][solver_name],
             )
     _summarise(ctx, suite, problems, traces)
+    _traffic_floor(ctx, suite, problems[0])
     _small_f_overhead(ctx, suite)
     _small_maps(suite)
     return suite
+
+
+#: Per solver: the history slots its default reads per step and how many times it reads them
+#: (Anderson: one product with the residuals and one mix of the iterates; Broyden, at full
+#: memory: two products and two mixes), besides the residual test every solver makes.
+HISTORY_READS = {"picard": (0, 0), "anderson": (5, 1), "broyden": (10, 2)}
+
+
+def _traffic_floor(ctx: SuiteContext, suite: SuiteResult, problem: Problem) -> None:
+    r"""The inline overhead no implementation of each algorithm can beat on ``problem``.
+
+    Times, in this run, only the memory traffic the algorithm must do per iteration: the
+    residual test :math:`\|f(z) - z\|` and :math:`\|f(z)\|`, and the history products
+    and mixes (batched matrix products over state-sized slots), on buffers that stay in
+    cache between repeats (so a lower bound), then :math:`1 + t_\text{traffic} / t_f`.
+    """
+    with torch.no_grad():
+        z = problem.z0.flatten(1)
+        fz = problem.f(problem.z0).flatten(1)
+        f_time = measure(lambda _: problem.f(problem.z0), device=ctx.device, repeats=5).median
+        rows = []
+        for name in SOLVER_NAMES:
+            slots, passes = HISTORY_READS[name]
+            W = torch.randn(z.shape[0], max(slots, 1), z.shape[1], device=z.device)
+            c = torch.randn(z.shape[0], max(slots, 1), device=z.device)
+
+            def traffic(_: Any, W: torch.Tensor = W, c: torch.Tensor = c, passes: int = passes):
+                torch.linalg.vector_norm(fz - z, dim=1), torch.linalg.vector_norm(fz, dim=1)
+                for _ in range(passes):
+                    torch.bmm(fz[:, None, :], W.transpose(1, 2))
+                    torch.bmm(c[:, None, :], W)
+
+            t = measure(traffic, device=ctx.device, repeats=9).median
+            floor = 1.0 + t / f_time
+            measured = [
+                r["overhead_inline"]
+                for r in suite.records
+                if r["kind"] == "solve" and r["problem"] == problem.name and r["solver"] == name
+            ]
+            suite.add(
+                kind="traffic_floor",
+                problem=problem.name,
+                solver=name,
+                history_slots=slots,
+                history_passes=passes,
+                traffic_s=t,
+                f_s=f_time,
+                floor_inline=floor,
+                measured_inline_max=max(measured) if measured else None,
+            )
+            worst = max(measured) if measured else None
+            rows.append([name, f"{slots} x {passes * 2}", fmt(t * 1e6), fmt(floor), fmt(worst)])
+            suite.acceptance.append(
+                Acceptance(
+                    f"inline_overhead_conv_{name}",
+                    f"inline overhead on the {problem.name} layer, {name}, worst tolerance",
+                    worst,
+                    "<= 1.10",
+                    None if worst is None else worst <= 1.10,
+                    f"floor {fmt(floor)}: the memory traffic of the algorithm alone, in cache",
+                )
+            )
+    suite.tables.append(
+        (
+            f"The inline overhead no implementation can beat on the {problem.name} layer: the "
+            f"memory traffic each algorithm must do per iteration, timed in cache, against f "
+            f"({fmt(f_time * 1e3)} ms)",
+            ["solver", "history slots x reads", "us per iteration", "floor", "measured (worst)"],
+            rows,
+        )
+    )
 
 
 def small_f_problems(ctx: SuiteContext) -> list[Problem]:

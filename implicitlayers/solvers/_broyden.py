@@ -76,6 +76,8 @@ class Broyden(AbstractSolver):
             "count": torch.zeros(batch, dtype=torch.long, device=z.device),
             "hg": torch.zeros_like(z),  # the previous H g, so the previous step was dz = -hg
             "g_prev": torch.zeros_like(z),
+            # Slot indices, a batch-sized view (no memory): slot i holds an update iff i < count.
+            "slots": torch.arange(self.history_size, device=z.device).expand(batch, -1),
         }
 
     def step(
@@ -102,14 +104,16 @@ class Broyden(AbstractSolver):
         # dz = -H g_prev, H dg = H g + dz, so u = (dz - H dg) / (v . dg) = -H g / (v . dg).
         # H g = -g + sum_i u_i (v_i . g) and v = H^T dz = hg_prev - sum_i v_i (u_i . hg_prev).
         U_used, V_used = U[:, :used], V[:, :used]
-        valid = (torch.arange(used, device=z.device) < count[:, None]).to(z.dtype)
+        valid = state["slots"][:, :used] < count[:, None]
         hg = _accumulate(_coefficients(V_used, g, valid), U_used) - g
         v = hg_prev - _accumulate(_coefficients(U_used, hg_prev, valid), V_used)
         denom = _dot(v, dg)
         u = hg / denom.neg()[:, None]
-        # A vanishing denominator, relative to |v| |dg|, or a non-finite update breaks down.
-        size = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
-        ok = (denom.abs() > torch.finfo(z.dtype).eps * size) & torch.isfinite(u).all(dim=1)
+        # A vanishing denominator, relative to |v| |dg|, or a non-finite update breaks down:
+        # 0 times the sum of u is NaN for a non-finite u, and a comparison with NaN fails.
+        size = torch.linalg.vector_norm(v, dim=1).mul_(torch.finfo(z.dtype).eps)
+        size.mul_(torch.linalg.vector_norm(dg, dim=1))
+        ok = denom.abs().add_(u.sum(dim=1).mul_(0.0)) > size
         breakdown, write = ~ok, ok
         # Zero where nothing is stored (rows whose u is not finite included).
         u = torch.where(write[:, None], u, 0.0)
@@ -124,19 +128,13 @@ class Broyden(AbstractSolver):
         count = count + write
         # H_new g = H g + u (v . g), where H is -I after a restart.
         hg = torch.where(reset[:, None], -g, hg).addcmul_(u, _dot(v, g)[:, None])
-        new_state = {
-            "U": U,
-            "V": V,
-            "count": count,
-            "hg": hg,
-            "g_prev": g,
-        }
+        new_state = {**state, "count": count, "hg": hg, "g_prev": g}
         return z - hg, new_state, breakdown
 
 
 def _coefficients(W: Tensor, x: Tensor, valid: Tensor) -> Tensor:
     r"""``(B, k)`` products :math:`w_i^\top x` of the ``k`` slots of ``W``, zero where not
-    ``valid``."""
+    ``valid`` (a bool mask)."""
     return dots(W, x) * valid
 
 

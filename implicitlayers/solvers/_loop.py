@@ -28,9 +28,12 @@ _MAX_ITER, _BREAKDOWN = int(Status.MAX_ITER), int(Status.BREAKDOWN)
 _HOST_FREE = ("cpu",)
 
 
-def host_reads_are_free(device: torch.device) -> bool:
-    """Whether a value on ``device`` can be read on the host without a synchronisation."""
-    return device.type in _HOST_FREE
+def default_host_reads(device: torch.device, check_every: int) -> bool:
+    """Whether a solve on ``device`` reads the host every iteration when ``host_reads`` is
+    ``None``: where reads are free (no synchronisation), and with ``check_every=1``, where the
+    chunked path reads the host every iteration too but runs two to four times as many
+    operations (kernel launches) per iteration."""
+    return device.type in _HOST_FREE or check_every == 1
 
 
 @dataclass
@@ -105,8 +108,10 @@ class _Carry:
         self.fz = z0  # f(z) of the batch last evaluated (set before first use)
         self.atol = _l2_atol(solver, z0.shape[1])
         self.state: SolverState = solver.init(z0)
-        # Known on the host: every sample is still running (so nothing needs freezing).
+        # Known on the host: every sample is still running (so nothing needs freezing), and
+        # some sample may still be running (False once the loop has read that none is).
         self.all_active = True
+        self.any_active = True
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.status = torch.full((batch,), _MAX_ITER, dtype=torch.long, device=device)
         self.n_steps = torch.zeros(batch, dtype=torch.long, device=device)
@@ -347,8 +352,8 @@ def run_loop(
 
     So ``SUCCESS`` always means the residual is within tolerance at the batch returned.
 
-    ``host_reads`` (default: where they are free, :func:`host_reads_are_free`) chooses between
-    two paths that give the same results to the last bit:
+    ``host_reads`` (default: :func:`default_host_reads`) chooses between two paths that give
+    the same results to the last bit:
 
     - with host reads, an iteration where every sample runs, none meets the tolerance and
       every residual improves costs one flag read and touches full states only to measure
@@ -366,9 +371,10 @@ def run_loop(
     """
     if independent_samples:
         return _run_compacted(f, z0, solver, record_at)
-    host_free = host_reads_are_free(z0.device) if host_reads is None else host_reads
+    if host_reads is None:
+        host_reads = default_host_reads(z0.device, solver.check_every)
     c = _Carry(solver, z0)
-    if host_free:
+    if host_reads:
         trace, recorded, n_f_evals, quiet_steps = _run_with_reads(c, f, solver, record_at)
     else:
         trace, recorded, n_f_evals, quiet_steps = _run_chunked(c, f, solver, record_at)
@@ -418,6 +424,7 @@ def _run_with_reads(
             trace.append(c.last_res)
         if k == max_iter - 1 or ((k + 1) % check_every == 0 and not any_active):
             break
+    c.any_active = any_active
     return trace, recorded, n_f_evals, quiet_steps
 
 
@@ -438,8 +445,8 @@ def _run_chunked(
         if end == max_iter:
             break
         # The one host read per chunk: stop once no sample runs.
-        any_active, c.all_active = torch.stack((c.active.any(), c.active.all())).tolist()
-        if not any_active:
+        c.any_active, c.all_active = torch.stack((c.active.any(), c.active.all())).tolist()
+        if not c.any_active:
             break
     return trace, recorded, start, 0
 
@@ -459,7 +466,7 @@ def _finish(
     n_steps, status, best_res, best_z, rate = c.n_steps, c.status, c.best_res, c.best_z, c.rate
     if quiet_steps:
         n_steps = n_steps + quiet_steps
-    if c.prev is not None:
+    if c.prev is not None and c.any_active:  # (two full-state passes: skipped if none runs)
         estimate = _secant_rate(c.z, c.fz, c.prev)
         rate = torch.where(c.active & ~torch.isnan(estimate), estimate, rate)
     if c.best_is_current is not None and not bool(c.best_is_current.all()):
