@@ -9,6 +9,7 @@ tests pin the results, not the timings (those are in ``benchmarks/``).
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -397,3 +398,32 @@ def test_a_compiled_rms_solve_keeps_one_graph_per_chunk_and_the_eager_results():
     chunks = [g for g in graphs if any("tanh" in t for t in g) and any("solve_ex" in t for t in g)]
     assert chunks, "no graph holds both f and the Anderson step"
     torch._dynamo.reset()
+
+
+def test_the_final_evaluation_runs_after_the_solver_memory_is_released():
+    # Residuals stall at round-off, so the best iterate is an earlier one and f is evaluated
+    # once more at the returned batch: by then the loop has released the solver's history
+    # (which would otherwise add to the solve's peak memory).
+    history = []
+
+    class Watched(il.Anderson):
+        def init(self, z):
+            state = super().init(z)
+            history.append(weakref.ref(state["G"]))
+            return state
+
+    alive = []
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 16, generator=gen)
+    W *= 0.9 / torch.linalg.matrix_norm(W, 2)
+    x = torch.randn(8, 16, generator=gen)
+
+    def f(z):  # float32: the residual reaches round-off within 40 iterations
+        alive.append(history[0]() is not None)
+        return torch.tanh(z @ W.T + x)
+
+    solver = Watched(max_iter=40, atol=0.0, rtol=1e-30)
+    result = il.fixed_point(f, torch.zeros(8, 16), solver=solver)
+    assert result.n_f_evals == 41 and len(alive) == 41
+    assert all(alive[:40]) and not alive[40]
+    assert (result.residual < 1e-5).all()

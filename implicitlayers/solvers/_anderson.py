@@ -146,6 +146,7 @@ class Anderson(AbstractSolver):
         # One pass over the history per step: the new residual against every stored one,
         # zero against slots from before a restart (zero border), the ridge on its own.
         products = dots(G, g)
+        del g  # one state fewer alive while the mix below allocates the next iterate
         res = products[:, slot]  # ||g||^2
         # The new row and column of the bordered system: a border 1, then the products,
         # masked by the border (1 for the slots in use; the new slot's may still be 0), and

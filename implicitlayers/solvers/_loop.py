@@ -471,7 +471,10 @@ def _finish(
         rate = torch.where(c.active & ~torch.isnan(estimate), estimate, rate)
     if c.best_is_current is not None and not bool(c.best_is_current.all()):
         # Some samples return an earlier iterate, so the returned batch was never evaluated:
-        # for an f that couples samples, every residual may differ there. Measure them.
+        # for an f that couples samples, every residual may differ there. Measure them, with
+        # the loop's iterates and the solver's memory released first (they would add a state
+        # or more to the solve's peak).
+        c.state, c.prev, c.z, c.fz = {}, None, best_z, best_z
         fz = f(best_z, None)
         res, _, converged = _residual(solver, best_z, fz.to(best_z.dtype), c.atol)
         n_f_evals += 1
