@@ -131,8 +131,7 @@ class Anderson(AbstractSolver):
         Every operation here runs once per iteration, so they are counted: on a small ``f``
         they are the solve's cost (``benchmarks/RESULTS.md``, solver overhead).
         """
-        X, G, system = state["X"], state["G"], state["system"]
-        bar, eye = state["bar"], state["eye"]
+        X, G, system, eye = state["X"], state["G"], state["system"], state["eye"]
         m = self.history_size
         slot = iteration % m
         used = min(iteration + 1, m)  # slots filled so far (every sample fills one per step)
@@ -140,8 +139,6 @@ class Anderson(AbstractSolver):
         g = fz - z
         X[:, slot] = fz if self.mixing == 1.0 else torch.add(z, g, alpha=self.mixing)
         G[:, slot] = g
-        # The one-hot weights of the plain step from the new pair and from the pair before.
-        newest, base = eye[:, slot, :used], eye[:, (slot - 1) % m, :used]
         G, X = G[:, :used], X[:, :used]
         # One pass over the history per step: the new residual against every stored one,
         # zero against slots from before a restart (zero border), the ridge on its own.
@@ -158,18 +155,19 @@ class Anderson(AbstractSolver):
         system[:, : used + 1, slot + 1] = row
         # A column right-hand side: the batched solve takes a third less time than with a
         # vector one on the CPU (same factorisation, same result).
-        solution = torch.linalg.solve_ex(system, state["e1"])[0].squeeze(2)
-        alpha = solution[:, 1 : used + 1]
+        solution = torch.linalg.solve_ex(system, state["e1"])[0]
+        alpha = solution[:, 1 : used + 1, 0]
         # A singular system (a zero pivot) leaves a non-finite solution, and one non-finite
         # entry makes the sum non-finite, and then 0 times it NaN: one test covers both.
-        bad = solution.sum(dim=1).mul_(0.0).isnan()
+        bad = solution.sum(dim=(1, 2)).mul_(0.0).isnan()
         # A rejected iterate goes back to the plain step from its base (an extrapolated
         # iterate follows an accepted step, so its base is the pair written one step ago); a
         # broken-down system takes the plain step from the newest pair. Both are one-hot
         # weights, so the mix below makes every step: no separate full-state pass.
+        newest = eye[:, slot, :used]
         if self.safeguard and m > 1:
-            reject = res > bar
-            fallback = torch.where(reject[:, None], base, newest)
+            reject = res > state["bar"]
+            fallback = torch.where(reject[:, None], eye[:, (slot - 1) % m, :used], newest)
             plain = reject | bad
         else:
             fallback, plain = newest, bad
@@ -178,7 +176,7 @@ class Anderson(AbstractSolver):
         # The next iterate is extrapolated (so tested) unless it is a plain step.
         bar = torch.where(plain | state["fresh"], float("inf"), res)
         # A broken-down sample restarts its history.
-        system = torch.where(bad[:, None, None], state["empty"], system)
+        system = torch.where(bad.view(-1, 1, 1), state["empty"], system)
         new_state = {**state, "system": system, "fresh": bad, "bar": bar}
         return z_next, new_state, bad
 
