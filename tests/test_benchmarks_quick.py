@@ -241,3 +241,22 @@ def test_adjoint_suite_gmres_solves_what_fixed_point_iteration_cannot(quick_run:
             assert r["relative_residual_max"] <= 2e-6, (r["problem"], r["dtype"])
         if r["solver"] == "Picard" and r["rho"] > 1:
             assert not any(r["converged"]), r["dtype"]
+
+
+def test_the_overhead_ab_script_times_another_checkout_beside_this_one(tmp_path: Path):
+    # This tree stands in for the other checkout: the script must load it under another name
+    # and report every solver of both trees (speeds are not checked).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    script = ROOT / "benchmarks" / "overhead_ab.py"
+    args = [sys.executable, str(script), "--before", str(ROOT), "--iterations", "3"]
+    proc = subprocess.run(
+        [*args, "--repeats", "3"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    for solver in ("Picard", "Anderson", "Broyden"):
+        for tree in ("before", "now"):
+            assert re.search(rf"^  {solver} {tree} +-?\d+\.\d us", proc.stdout, re.M), proc.stdout
+    missing = subprocess.run(
+        [*args[:2], "--before", str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert missing.returncode != 0 and "no implicitlayers/__init__.py" in missing.stderr

@@ -125,7 +125,7 @@ class Anderson(AbstractSolver):
         """One step; every sample writes its new pair at slot ``iteration % m``: a slice, not
         a per-sample scatter (the mix does not depend on which slot holds which pair, and a
         restarted sample's stale slots are masked by their zero border). ``iteration``
-        counts from 0 for a state from :meth:`init`: slots ``0 .. min(iteration, m - 1)``
+        counts from 0 for a state from ``init``: slots ``0 .. min(iteration, m - 1)``
         are the ones written.
 
         Every operation here runs once per iteration, so they are counted: on a small ``f``
