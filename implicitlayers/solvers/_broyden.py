@@ -110,7 +110,9 @@ class Broyden(AbstractSolver):
         denom = _dot(v, dg)
         u = hg / denom.neg()[:, None]
         # A vanishing denominator, relative to |v| |dg|, or a non-finite update breaks down:
-        # 0 times the sum of u is NaN for a non-finite u, and a comparison with NaN fails.
+        # 0 times the sum of u is NaN for a non-finite u (and for a finite one whose sum
+        # overflows, entries near the dtype's maximum: a restart too), and a comparison with
+        # NaN fails.
         size = torch.linalg.vector_norm(v, dim=1).mul_(torch.finfo(z.dtype).eps)
         size.mul_(torch.linalg.vector_norm(dg, dim=1))
         ok = denom.abs().add_(u.sum(dim=1).mul_(0.0)) > size
