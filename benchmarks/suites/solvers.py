@@ -212,6 +212,7 @@ def _traffic_floor(ctx: SuiteContext, suite: SuiteResult, problem: Problem) -> N
                 for r in suite.records
                 if r["kind"] == "solve" and r["problem"] == problem.name and r["solver"] == name
             ]
+            worst = max(measured) if measured else None
             suite.add(
                 kind="traffic_floor",
                 problem=problem.name,
@@ -221,9 +222,8 @@ def _traffic_floor(ctx: SuiteContext, suite: SuiteResult, problem: Problem) -> N
                 traffic_s=t,
                 f_s=f_time,
                 floor_inline=floor,
-                measured_inline_max=max(measured) if measured else None,
+                measured_inline_max=worst,
             )
-            worst = max(measured) if measured else None
             rows.append([name, f"{slots} x {passes * 2}", fmt(t * 1e6), fmt(floor), fmt(worst)])
             suite.acceptance.append(
                 Acceptance(
