@@ -11,17 +11,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _tree
+from ._attach import (
+    clean_rows,
+    failed_rows,
+    grad_leaves,
+    needs_attach,
+    watch_determinism,
+    without_nonfinite,
+)
 from ._errors import ConvergenceError
-from ._fixed_point import _check_states, solve, split_aux
-from ._result import SolverResult, Status
+from ._fixed_point import apply_policies, check_flags, record_at, result_of, solve
+from ._flat import FlatMap, flatten_state
+from ._result import SolverResult
 from .backward import AbstractBackward
 from .backward._names import as_backward
 from .diagnostics import SpectralRadius
-from .diagnostics import jacobian_penalty as _jacobian_penalty
-from .diagnostics import spectral_radius as _spectral_radius
+from .diagnostics._jacobian import penalty_at
+from .diagnostics._spectral import radius_at
 from .nn import one_map
 from .solvers import AbstractSolver
+from .solvers._loop import LoopOutput, l2_atol
 from .solvers._names import as_solver
 
 __all__ = ["DEQ", "DEQOutput"]
@@ -33,8 +42,9 @@ class DEQOutput(tuple[Any, SolverResult]):
     r"""What :class:`DEQ` returns: unpacks as ``z, result``; the optional outputs are attributes.
 
     Attributes:
-        aux: With ``DEQ(f, has_aux=True)``: the auxiliary output of the application of ``f``
-            at the fixed point (attached to the graph when autograd records), else ``None``.
+        aux: With ``DEQ(f, has_aux=True)``: the auxiliary output of ``f`` at the fixed point,
+            else ``None``. When autograd records, a loss on it gets the total derivative
+            (through the fixed point by the backward rule, and directly).
         jacobian_penalty: With ``deq(x, jacobian_penalty=k)``: the ``(B,)`` Hutchinson
             estimate of :math:`\|\partial f(z^\star) / \partial z\|_F^2` from ``k`` probes
             (divided by the state size :math:`n` with ``normalize_penalty=True``),
@@ -117,17 +127,26 @@ class DEQ(nn.Module):
         independent_samples: Evaluate ``f`` only on samples still running; see
             :func:`fixed_point`. Valid only when ``f`` treats samples independently.
         has_aux: ``f`` returns ``(z_next, aux)``; the solve uses ``z_next`` and the output's
-            ``aux`` is that of the application of ``f`` at the fixed point (attached to the
-            graph when autograd records: use it in a loss or a log), as optimistix's
-            ``has_aux``.
+            ``aux`` is that of ``f`` at the fixed point. When autograd records it is taken from
+            one more application of ``f`` at the attached fixed point, so a loss on it gets
+            the total derivative :math:`\partial a / \partial \theta + \partial a /
+            \partial z \cdot dz^\star / d\theta` (with the rule's :math:`dz^\star/d\theta`),
+            exactly as the same quantity computed from ``z``; for the partial derivative with
+            :math:`z^\star` held, use ``f(z.detach(), x)[1]``.
         host_reads: Passed to :func:`fixed_point` (``False``: the sync-free chunked path, for
             ``torch.compile`` and CUDA graphs).
 
     Samples whose forward solve failed (``NONFINITE``, ``DIVERGED``) return their best iterate
     with no gradient: the backward rule never sees their rows (non-finite entries of their
     state and batched inputs are zeros inside the attach), so one bad sample cannot poison the
-    others' gradients or the parameters'. ``MAX_ITER`` and ``BREAKDOWN`` samples keep the
-    rule's gradient at their best iterate.
+    others' gradients or the parameters'. ``MAX_ITER``, ``UNSETTLED`` and ``BREAKDOWN``
+    samples keep the rule's gradient at their best iterate.
+
+    Every tensor that requires grad and that ``f`` depends on gets its gradient: the inputs
+    however nested (dicts, lists, tuples, dataclasses), the parameters, buffers and tensor
+    attributes of an ``nn.Module`` ``f``, the closure of a plain ``f``; when none of those
+    requires grad but autograd records, one application of ``f`` without a graph finds any
+    other (a global).
 
     Attributes:
         last_backward_result: The adjoint solve's :class:`SolverResult` from the latest
@@ -163,15 +182,13 @@ class DEQ(nn.Module):
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be an nn.Module or callable f(z, *inputs), got {f!r}")
-        for name, flag in (("independent_samples", independent_samples), ("has_aux", has_aux)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if not isinstance(has_aux, bool):
+            raise TypeError(f"has_aux must be a bool, got {has_aux!r}")
+        check_flags(independent_samples=independent_samples, host_reads=host_reads)
         self.f = f
         self.solver = as_solver(solver)
         self.backward = as_backward(backward)
         self.independent_samples = independent_samples
-        if host_reads is not None and not isinstance(host_reads, bool):
-            raise TypeError(f"host_reads must be None, True or False, got {host_reads!r}")
         self.has_aux = has_aux
         self.host_reads = host_reads
         self.last_backward_result = None
@@ -196,8 +213,11 @@ class DEQ(nn.Module):
         normalisation) are computed once and variational dropout masks drawn once.
 
         Args:
-            *inputs: Passed to ``f(z, *inputs)``.
-            z0: Initial state; defaults to ``torch.zeros_like(inputs[0])``.
+            *inputs: Passed to ``f(z, *inputs)``: tensors, or any structure of them (dicts,
+                lists, tuples, dataclasses); every tensor in them that requires grad gets its
+                gradient.
+            z0: Initial state; defaults to ``torch.zeros_like(inputs[0])`` (which then must be
+                a tensor of shape ``(B, *S)`` with at least one feature dimension).
             solver: Overrides the module's solver for this call (e.g. a larger test-time
                 ``max_iter``).
             jacobian_penalty: Number of Hutchinson probes for the Jacobian regulariser of
@@ -229,111 +249,101 @@ class DEQ(nn.Module):
         Returns:
             :class:`DEQOutput`, which unpacks as ``z, result``.
         """
-        if isinstance(jacobian_penalty, bool) or not isinstance(jacobian_penalty, int):
-            raise TypeError(
-                f"jacobian_penalty must be an int (the number of probes; 0 for none), got "
-                f"{jacobian_penalty!r}"
-            )
-        if jacobian_penalty < 0:
-            raise ValueError(f"jacobian_penalty must be >= 0 probes, got {jacobian_penalty}")
-        if not isinstance(normalize_penalty, bool):
-            raise TypeError(f"normalize_penalty must be a bool, got {normalize_penalty!r}")
-        if normalize_penalty and not jacobian_penalty:
-            raise ValueError(
-                "normalize_penalty=True normalises the Jacobian penalty, but jacobian_penalty=0 "
-                "computes none: pass jacobian_penalty=k (k >= 1 probes) as well"
-            )
-        if not isinstance(spectral_radius, bool):
-            raise TypeError(f"spectral_radius must be a bool, got {spectral_radius!r}")
+        _check_penalty(jacobian_penalty, normalize_penalty, spectral_radius)
+        solver_ = self.solver if solver is None else as_solver(solver)
+        recorded = record_at(states)
         default_z0 = z0 is None
         if z0 is None:
-            if not inputs or not isinstance(inputs[0], Tensor):
-                raise TypeError(
-                    "DEQ needs z0 when its first input is not a tensor: call deq(*inputs, z0=...)"
-                )
-            z0 = torch.zeros_like(inputs[0])
-        else:
-            _check_batch(z0, inputs)
-        solver_ = self.solver if solver is None else as_solver(solver)
+            z0 = _default_z0(inputs)
+        # The one flatten: the state's structure and every check of it, once.
+        f_flat, flat0 = flatten_state(self.f, z0, inputs, has_aux=self.has_aux)
+        _check_batch(f_flat.batch, inputs)
         # One forward, one map: parametrized weights computed once, dropout masks drawn once.
         frozen = one_map(self.f) if isinstance(self.f, nn.Module) else contextlib.nullcontext()
         with frozen:
-            z, result, aux, attached = self._solve_and_attach(
-                inputs, z0, default_z0, solver_, _check_states(states)
-            )
+            out = self._solve(f_flat, flat0, solver_, recorded, default_z0)
+            failed = failed_rows(out.status)
+            # One host read where f is applied again: are there samples to keep out of it?
+            reapplied = torch.is_grad_enabled() or jacobian_penalty or spectral_radius
+            any_failed = bool(failed.any()) if reapplied else False
+            # The map the attach and the diagnostics apply f through: the caller's autocast,
+            # and the failed samples' non-finite inputs zeroed.
+            f_main = f_flat.with_inputs(without_nonfinite(inputs, failed) if any_failed else inputs)
+            z_flat, attached = self._attach(f_main, out, solver_, failed if any_failed else None)
+            # The one unflatten (per returned state).
+            # Each returned state unflattened once: the solve's (detached) and, attached, the
+            # output (in f's dtype under autocast).
+            result = result_of(out, f_flat)
+            if attached is None:
+                z, states_out = result.z, result.states
+            else:
+                z = f_flat.unflatten(z_flat, cast=False)
+                states_out = tuple(f_flat.unflatten(s, cast=False) for s in attached)
+            aux = self._aux(f_flat, f_main, out, z_flat, attached is not None)
+            apply_policies(result, solver_, f_flat.dtype)
             penalty = radius = None
             if jacobian_penalty or spectral_radius:
-                point = _tree.unflatten(
-                    _clean_rows(_tree.flatten(result.z), result), _tree.spec_of(z0)
-                )
-                clean_inputs = _without_nonfinite(inputs, _failed(result))
+                point = clean_rows(out.z, failed) if any_failed else out.z
+                point = point.to(f_flat.dtype)
                 if jacobian_penalty:
-                    penalty = _jacobian_penalty(
-                        self._main,
-                        point,
-                        *clean_inputs,
-                        n_probes=jacobian_penalty,
-                        normalize=normalize_penalty,
+                    penalty = penalty_at(
+                        f_main, point, n_probes=jacobian_penalty, normalize=normalize_penalty
                     )
-                    penalty = torch.where(_failed(result), 0.0, penalty)
+                    penalty = torch.where(failed, 0.0, penalty) if any_failed else penalty
                 if spectral_radius:
-                    radius = _spectral_radius(self._main, point, *clean_inputs)
+                    radius = radius_at(f_main, point)
         return DEQOutput(
-            z, result, aux=aux, jacobian_penalty=penalty, spectral_radius=radius, states=attached
+            z, result, aux=aux, jacobian_penalty=penalty, spectral_radius=radius, states=states_out
         )
 
-    def _main(self, z: Any, *inputs: Any) -> Any:
-        """``f``'s state output (without the auxiliary output when ``has_aux``)."""
-        out = self.f(z, *inputs)
-        return split_aux(out)[0] if self.has_aux else out
-
-    def _solve_and_attach(
+    def _solve(
         self,
-        inputs: tuple[Any, ...],
-        z0: Any,
-        default_z0: bool,
+        f_flat: FlatMap,
+        flat0: Tensor,
         solver_: AbstractSolver,
-        states: tuple[int, ...],
-    ) -> tuple[Any, SolverResult, Any, tuple[Any, ...]]:
-        """The fixed point (attached when autograd records), the solve's result, aux, and the
-        requested intermediate states (attached too)."""
+        recorded: tuple[int, ...],
+        default_z0: bool,
+    ) -> LoopOutput:
+        """The forward solve, with a hint on a shape error inside ``f`` from the default z0."""
         try:
-            # One flat map for the solve and the attach: it flattens the state, checks what f
-            # returns and, with has_aux, splits the auxiliary output off.
-            result, f_flat = solve(
-                self.f,
-                z0,
-                inputs,
-                solver=solver_,
+            return solve(
+                f_flat,
+                flat0,
+                solver_,
                 independent_samples=self.independent_samples,
-                states=states,
                 host_reads=self.host_reads,
-                has_aux=self.has_aux,
+                record_at=recorded,
             )
         except RuntimeError as err:
             if default_z0 and _looks_like_shape_error(err):
+                shape = (f_flat.batch, *f_flat.spec.shape)
                 _add_note(
                     err,
                     f"implicitlayers: f was called with the default z0 = zeros_like(inputs[0]) "
-                    f"of shape {tuple(z0.shape)}. If the state's shape differs from the first "
+                    f"of shape {shape}. If the state's shape differs from the first "
                     "input's, pass z0 with the state's shape: deq(*inputs, z0=...).",
                 )
             raise
-        if not (torch.is_grad_enabled() and self._needs_grad(inputs)):
-            aux = None
-            if self.has_aux:
-                with torch.no_grad():
-                    aux = self.f(result.z, *inputs)[1]
-            return result.z, result, aux, result.states
-        spec = f_flat.spec
-        z_star = _tree.flatten(result.z)
-        failed = _failed(result)
-        # One host read per differentiable forward: are there samples to keep out of the graph?
-        any_failed = bool(failed.any())
-        attach_inputs = _without_nonfinite(inputs, failed) if any_failed else inputs
-        # The same map on the attach's inputs; it keeps the aux of its first application.
-        f_attach = f_flat.for_attach(attach_inputs)
 
+    def _attach(
+        self, f_main: FlatMap, out: LoopOutput, solver_: AbstractSolver, failed: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """The flat fixed point carrying the backward rule's gradient (when autograd records
+        and a tensor wants one), and the recorded states, each attached at its own point
+        (``None``: nothing attached)."""
+        if not torch.is_grad_enabled():
+            return out.z, None
+        z_star = clean_rows(out.z, failed) if failed is not None else out.z
+        if out.fz is not None and failed is None and self.host_reads is not False:
+            # f at the returned batch from the solve: a deterministic f gives it again. (Not
+            # with failed rows, whose zeroed entries change what a coupled f sees; not on
+            # the sync-free path, whose user asked for no host read.)
+            atol = l2_atol(solver_, out.z.shape[1])
+            watch_determinism(f_main, out.fz, solver_.rtol, atol)
+        leaves = grad_leaves(self.f, f_main.inputs)
+        if not needs_attach(f_main, z_star, leaves):
+            f_main.on_next_call = None
+            return out.z, None
         self_ref = weakref.ref(self)
 
         def record(rule: AbstractBackward, backward_result: SolverResult | None) -> None:
@@ -341,41 +351,79 @@ class DEQ(nn.Module):
             if module is not None:
                 module.last_backward_result = backward_result
 
-        leaves = [x for x in attach_inputs if isinstance(x, Tensor) and x.requires_grad]
-        if isinstance(self.f, nn.Module):
-            leaves += [p for p in self.f.parameters() if p.requires_grad]
-
         def attach(point: Tensor, on_result: Any) -> Tensor:
-            z_in = _clean_rows(point, result) if any_failed else point
-            out = self.backward.attach(f_attach, z_in, on_result, leaves=leaves)
-            if any_failed:
+            z_in = clean_rows(point, failed) if failed is not None else point
+            attached = self.backward.attach(f_main, z_in, on_result, leaves=leaves)
+            if failed is not None:
                 # Failed samples return their best iterate with no gradient; inside the attach
                 # their non-finite entries are zeros, so they cannot reach other gradients.
-                out = torch.where(failed[:, None], point.detach().to(out.dtype), out)
-            return out
+                attached = torch.where(failed[:, None], point.detach().to(attached.dtype), attached)
+            return attached
 
-        z_flat = attach(z_star, record)
-        attached = tuple(
-            _tree.unflatten(attach(_tree.flatten(state), None), spec) for state in result.states
+        z_flat = attach(out.z, record)
+        return z_flat, tuple(attach(state, None) for state in out.states)
+
+    def _aux(
+        self, f_flat: FlatMap, f_main: FlatMap, out: LoopOutput, z_flat: Tensor, attached: bool
+    ) -> Any:
+        r"""``f``'s auxiliary output at the fixed point. Attached, it is taken from one more
+        application of ``f`` at the attached solution, so a loss on it gets the total
+        derivative (through :math:`z^\star` by the backward rule, and directly); otherwise
+        from the solve's last evaluation when that was the returned batch."""
+        if not self.has_aux:
+            return None
+        if attached:
+            f_main(z_flat)
+            return f_main.aux
+        if out.fz is not None:
+            return f_flat.aux
+        with torch.no_grad():
+            f_main(out.z)
+        return f_main.aux
+
+
+def _check_penalty(jacobian_penalty: Any, normalize_penalty: Any, spectral_radius: Any) -> None:
+    """The forward's diagnostic options."""
+    if isinstance(jacobian_penalty, bool) or not isinstance(jacobian_penalty, int):
+        raise TypeError(
+            f"jacobian_penalty must be an int (the number of probes; 0 for none), got "
+            f"{jacobian_penalty!r}"
         )
-        return _tree.unflatten(z_flat, spec), result, f_attach.aux, attached
+    if jacobian_penalty < 0:
+        raise ValueError(f"jacobian_penalty must be >= 0 probes, got {jacobian_penalty}")
+    if not isinstance(normalize_penalty, bool):
+        raise TypeError(f"normalize_penalty must be a bool, got {normalize_penalty!r}")
+    if normalize_penalty and not jacobian_penalty:
+        raise ValueError(
+            "normalize_penalty=True normalises the Jacobian penalty, but jacobian_penalty=0 "
+            "computes none: pass jacobian_penalty=k (k >= 1 probes) as well"
+        )
+    if not isinstance(spectral_radius, bool):
+        raise TypeError(f"spectral_radius must be a bool, got {spectral_radius!r}")
 
-    def _needs_grad(self, inputs: tuple[Any, ...]) -> bool:
-        if any(isinstance(x, Tensor) and x.requires_grad for x in inputs):
-            return True
-        if isinstance(self.f, nn.Module):
-            return any(p.requires_grad for p in self.f.parameters())
-        return True  # a plain callable may close over parameters we cannot see
+
+def _default_z0(inputs: tuple[Any, ...]) -> Tensor:
+    """``zeros_like(inputs[0])``, for a first input that is a batch of samples with features."""
+    if not inputs or not isinstance(inputs[0], Tensor):
+        raise TypeError(
+            "DEQ needs z0 when its first input is not a tensor: call deq(*inputs, z0=...)"
+        )
+    x = inputs[0]
+    if x.dim() < 2:
+        raise ValueError(
+            f"the first input has shape {tuple(x.shape)}, which leaves no feature dimension "
+            "for the default z0 = zeros_like(inputs[0]): the leading dimension is the batch. "
+            "For one sample of "
+            f"{x.shape[0] if x.dim() else 1} features pass x.unsqueeze(0); for a batch of "
+            "scalars pass x.unsqueeze(1); or pass z0 with shape (B, *S) yourself."
+        )
+    return torch.zeros_like(x)
 
 
-def _check_batch(z0: Any, inputs: tuple[Any, ...]) -> None:
+def _check_batch(batch: int, inputs: tuple[Any, ...]) -> None:
     """``z0``'s batch must match the first input's leading dimension when that is a tensor."""
     if not inputs or not isinstance(inputs[0], Tensor) or inputs[0].dim() == 0:
         return
-    try:
-        batch = _tree.batch_size(_tree.leaves(z0))
-    except (TypeError, ValueError):
-        return  # fixed_point reports a malformed z0 with its own message
     if batch != inputs[0].shape[0]:
         raise ValueError(
             f"z0 has batch size {batch} but the first input has {inputs[0].shape[0]} "
@@ -401,32 +449,3 @@ def _add_note(err: BaseException, note: str) -> None:
         err.add_note(note)
     else:  # pragma: no cover - Python 3.10: no notes; keep the type and the message
         logger.info(note)
-
-
-def _without_nonfinite(inputs: tuple[Any, ...], failed: Tensor) -> tuple[Any, ...]:
-    """``inputs`` with the non-finite entries of the ``failed`` samples' rows set to 0.
-
-    Only tensors batched like the state (leading dimension ``B``) are touched; the failed rows'
-    finite entries stay, so a map that couples samples sees the batch it was solved on.
-    """
-    batch = failed.shape[0]
-
-    def clean(x: Any) -> Any:
-        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != batch:
-            return x
-        if not x.is_floating_point() and not x.is_complex():
-            return x
-        rows = failed.view(batch, *([1] * (x.dim() - 1)))
-        return torch.where(rows & ~torch.isfinite(x), 0.0, x)
-
-    return tuple(clean(x) for x in inputs)
-
-
-def _failed(result: SolverResult) -> Tensor:
-    """``(B,)`` samples whose forward solve failed: they get no gradient."""
-    return (result.status == int(Status.NONFINITE)) | (result.status == int(Status.DIVERGED))
-
-
-def _clean_rows(z_flat: Tensor, result: SolverResult) -> Tensor:
-    """``z_flat`` with the non-finite entries of failed samples set to 0."""
-    return torch.where(_failed(result)[:, None] & ~torch.isfinite(z_flat), 0.0, z_flat)

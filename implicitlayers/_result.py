@@ -24,6 +24,7 @@ class Status(enum.IntEnum):
     NONFINITE = 2
     DIVERGED = 3
     BREAKDOWN = 4
+    UNSETTLED = 5
 
     @property
     def message(self) -> str:
@@ -40,9 +41,9 @@ class Status(enum.IntEnum):
 _MESSAGES = {
     Status.SUCCESS: "Converged: ||f(z) - z|| <= atol + rtol * ||f(z)||.",
     Status.MAX_ITER: (
-        "Reached max_iter before the tolerance. Raise max_iter, loosen atol/rtol, use an "
-        "accelerated solver (Anderson, Broyden), or make f more contractive (smaller step size, "
-        "spectral normalisation)."
+        "Did not meet the tolerance within max_iter evaluations of f. Raise max_iter, loosen "
+        "atol/rtol, or make f more contractive (a smaller step size, spectral normalisation); "
+        "Picard converges at f's contraction rate, Anderson and Broyden usually faster."
     ),
     Status.NONFINITE: (
         "f returned NaN or Inf. Check the inputs for NaN/Inf; if they are finite, the iteration "
@@ -58,6 +59,13 @@ _MESSAGES = {
         "The solver's internal system broke down (Anderson's least-squares system or Broyden's "
         "update was singular) and the history was restarted without reaching the tolerance. "
         "Raise Anderson's regularization, lower history_size, or use Broyden or Picard."
+    ),
+    Status.UNSETTLED: (
+        "Met the tolerance, but f couples the samples (batch statistics, a batch mean) and the "
+        "other samples' later iterates moved it out of tolerance; it had not met it again when "
+        "the solve ended. It settles once every sample converges: raise max_iter for the "
+        "samples still running, or make f treat the samples independently (batch norm in eval "
+        "mode inside f)."
     ),
 }
 
@@ -84,6 +92,7 @@ _LINEAR_MESSAGES = {
         "so) on the Krylov space. For the adjoint system (I - J^T) u = g, J has an eigenvalue "
         "at or near 1: regularise f towards a contraction."
     ),
+    Status.UNSETTLED: "Not a linear solve's status: a fixed-point solve's, for coupled samples.",
 }
 
 
@@ -92,9 +101,10 @@ class SolverResult:
     r"""The outcome of a fixed-point solve, one entry per sample.
 
     ``SUCCESS`` means the sample's residual is within tolerance at the returned batch, also when
-    ``f`` couples the samples (see :func:`~implicitlayers.fixed_point`). A small residual is not
-    a small error when ``f`` contracts slowly: for a contraction with Lipschitz constant
-    :math:`L < 1`,
+    ``f`` couples the samples (see :func:`~implicitlayers.fixed_point`); ``UNSETTLED`` marks
+    a sample that met it at some batch and lost it as the other samples moved on. A small
+    residual is not a small error when ``f`` contracts slowly: for a contraction with
+    Lipschitz constant :math:`L < 1`,
 
     .. math::
 

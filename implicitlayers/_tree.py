@@ -5,7 +5,9 @@ Written here rather than borrowed from ``torch.utils._pytree``, which is private
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,3 +112,51 @@ def batch_size(parts: Sequence[Tensor]) -> int:
     if len(sizes) != 1:
         raise ValueError(f"all state tensors must share the batch size, got sizes {sorted(sizes)}")
     return sizes.pop()
+
+
+def map_tensors(fn: Callable[[Tensor], Any], obj: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it, however deep: through tuples
+    (named tuples too), lists, dicts and dataclass instances. Anything else is kept as it
+    is, and a container in which nothing changed is returned itself (no copy).
+
+    This is for the inputs of ``f``, which may be any structure; states are the narrower
+    structures :func:`spec_of` describes.
+    """
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        items = {k: map_tensors(fn, v) for k, v in obj.items()}
+        return obj if all(items[k] is obj[k] for k in obj) else type(obj)(items)
+    if isinstance(obj, (tuple, list)):
+        values = [map_tensors(fn, v) for v in obj]
+        if all(a is b for a, b in zip(values, obj, strict=True)):
+            return obj
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+            return type(obj)(*values)
+        return type(obj)(values)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {}
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            new = map_tensors(fn, value)
+            if new is not value:
+                changes[field.name] = new
+        if not changes:
+            return obj
+        out = copy.copy(obj)
+        for name, value in changes.items():
+            object.__setattr__(out, name, value)  # frozen dataclasses too
+        return out
+    return obj
+
+
+def tensors_in(obj: Any) -> list[Tensor]:
+    """Every tensor in ``obj``, in the order :func:`map_tensors` visits them."""
+    found: list[Tensor] = []
+
+    def keep(t: Tensor) -> Tensor:
+        found.append(t)
+        return t
+
+    map_tensors(keep, obj)
+    return found

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from . import _tree
-from ._fixed_point import check_structure
+from ._flat import check_structure
 from ._validate import check_int
 from .nn import one_map
 from .nn._dropout import _VariationalDropoutBase

@@ -5,10 +5,12 @@ Every message names the argument, the value received and what to pass instead.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from collections.abc import Collection
+from typing import Any, Literal
+
+#: What to do about samples that did not converge: record it, warn, or raise.
+Policy = Literal["ignore", "warn", "raise"]
 
 
 def check_int(name: str, value: Any, *, minimum: int) -> None:
@@ -59,33 +61,3 @@ def check_budget(max_iter: Any, atol: Any, rtol: Any, *, example_rtol: str = "1e
             "atol and rtol are both 0, so no iterate can converge in floating point; "
             f"make at least one positive (e.g. rtol={example_rtol})"
         )
-
-
-#: What to pass instead of a keyword a class does not take, given the value passed: a
-#: function (the keyword was renamed before 1.0), or ``(says, function)`` where ``says``
-#: replaces "was renamed" (e.g. "is torchdeq's name for the same weight").
-KeywordHint = Callable[[Any], str] | tuple[str, Callable[[Any], str]]
-
-
-def check_renamed(cls: type, kwargs: Mapping[str, Any], renamed: Mapping[str, KeywordHint]) -> None:
-    """Raise a ``TypeError`` saying what to pass now when ``kwargs`` uses a keyword renamed
-    before 1.0, or a keyword another library uses for one of ours (``renamed`` maps it to a
-    :data:`KeywordHint`), unless ``cls`` has a field of that name of its own."""
-    for old, hint in renamed.items():
-        if old in kwargs and old not in {f.name for f in dataclasses.fields(cls)}:
-            says, now = hint if isinstance(hint, tuple) else ("was renamed", hint)
-            raise TypeError(f"{cls.__name__}'s {old!r} {says}: pass {now(kwargs[old])}")
-
-
-def from_damping(damping: Any, *, as_in: str) -> str:
-    """What to pass instead of a ``damping`` (the weight of ``z``): ``mixing = 1 - damping``,
-    the weight of ``f(z)``, which means the same in the classes named by ``as_in``."""
-    value = (
-        f"mixing={1 - damping:g}"
-        if isinstance(damping, (int, float)) and not isinstance(damping, bool)
-        else "mixing = 1 - damping"
-    )
-    return (
-        f"{value} (mixing = 1 - damping: mixing is the weight of f(z), "
-        f"z_next = (1 - mixing) z + mixing f(z), as in {as_in})"
-    )

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import inspect
 import pickle
+import pydoc
 import re
 import sys
 import warnings
@@ -15,6 +16,8 @@ import torch
 from zoo import TanhCell
 
 import implicitlayers as il
+
+F64 = torch.float64
 
 
 def test_non_contractive_map_diverges():
@@ -87,9 +90,8 @@ def test_broyden_breakdown_restarts_and_still_converges():
         (lambda: il.Anderson(regularization=-1e-3), ValueError, "regularization"),
         (lambda: il.Picard(mixing=0.0), ValueError, "mixing"),
         (lambda: il.Picard(norm="L2"), ValueError, "norm must be one of 'l2', 'rms', got 'L2'"),
-        (lambda: il.Picard(damping=0.25), TypeError, r"pass mixing=0.75 \(mixing = 1 - damping"),
-        (lambda: il.Picard(damping="x"), TypeError, "pass mixing = 1 - damping"),
-        (lambda: il.Broyden(on_max_iter="warn"), TypeError, "pass on_unconverged='warn'"),
+        (lambda: il.Picard(damping=0.25), TypeError, "unexpected keyword argument 'damping'"),
+        (lambda: il.Broyden(on_max_iter="warn"), TypeError, "keyword argument 'on_max_iter'"),
         (lambda: il.Broyden(history_size=0), ValueError, "history_size"),
         (lambda: il.Picard(on_unconverged="loud"), ValueError, "'ignore', 'warn', 'raise'"),
         (lambda: il.Picard(divergence_ratio=1.0), ValueError, "divergence_ratio"),
@@ -152,13 +154,18 @@ def test_convergence_error_survives_pickling():
     assert torch.equal(copy.result.status, caught.value.result.status)
 
 
-def test_rtol_below_half_precision_warns_with_the_fix():
-    with pytest.warns(il.ConvergenceWarning, match=r"rtol=0.0001 .*bfloat16.*rtol >= 8e-03"):
-        il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.bfloat16))
+def test_rtol_below_half_precision_warns_with_the_fix_only_when_samples_ran_out():
+    # In bfloat16 arithmetic 1 - 0.9 z has no fixed point: at rtol = 1e-4 the iterates cycle
+    # above the bound.
+    with pytest.warns(il.ConvergenceWarning, match=r"2/2 samples .* rtol=0.0001.*rtol >= 8e-03"):
+        il.fixed_point(lambda z: 1 - 0.9 * z, torch.zeros(2, 3, dtype=torch.bfloat16))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # z* = 2 is one: every sample converges, so nothing is said (it used to warn anyway).
+        r = il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.bfloat16))
+        assert r.converged.all()
         il.fixed_point(
-            lambda z: 0.5 * z + 1,
+            lambda z: 1 - 0.9 * z,
             torch.zeros(2, 3, dtype=torch.bfloat16),
             solver=il.Anderson(rtol=1e-2),
         )
@@ -199,64 +206,62 @@ def test_hyperparameter_objects_compare_print_and_pickle():
     )
 
 
-# --- Names renamed before 1.0 say what to pass now ------------------------------------------
+# --- The first release has no rename shims: real signatures, plain keyword errors -------
 
 
-def test_renamed_keywords_say_what_to_pass_and_leave_the_dataclass_alone():
-    with pytest.raises(TypeError, match=r"^Picard's 'damping' was renamed: pass mixing=0\.9 "):
-        il.Picard(damping=0.1)
-    # A solver the default one converts exactly: damping 0.25 is mixing 0.75.
-    with pytest.raises(TypeError, match=r"pass mixing=0\.75"):
-        il.Picard(max_iter=3, damping=0.25)
-    for cls in (il.Picard, il.Anderson, il.Broyden):
-        with pytest.raises(TypeError, match=rf"^{cls.__name__}'s 'on_max_iter' was renamed"):
-            cls(on_max_iter="raise")
-    # Anderson never had a damping, but its weight is the same mixing.
-    with pytest.raises(TypeError) as caught:
-        il.Anderson(damping=0.25)
-    assert str(caught.value) == (
-        "Anderson's 'damping' is not a keyword (Anderson's weight is mixing, the weight of "
-        "f(z)): pass mixing=0.75 (mixing = 1 - damping: mixing is the weight of f(z), "
-        "z_next = (1 - mixing) z + mixing f(z), as in Picard and PhantomGradient)"
+@pytest.mark.parametrize(
+    "cls",
+    [
+        il.Picard,
+        il.Anderson,
+        il.Broyden,
+        il.AbstractSolver,
+        il.JFB,
+        il.Neumann,
+        il.ImplicitDifferentiation,
+        il.PhantomGradient,
+        il.NeumannPhantom,
+        il.GMRES,
+    ],
+)
+def test_public_classes_show_their_real_signature_and_defaults(cls):
+    params = inspect.signature(cls).parameters
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    assert list(params) == list(fields)
+    assert not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values())
+    for name, p in params.items():
+        assert p.kind is p.KEYWORD_ONLY and p.default == fields[name].default, name
+    assert "(*args, **kwargs)" not in str(inspect.signature(cls))
+    assert "(*args, **kwargs)" not in pydoc.render_doc(cls)
+
+
+def test_the_defaults_users_need_are_in_the_signatures():
+    assert str(inspect.signature(il.Anderson)).startswith(
+        "(*, max_iter: 'int' = 50, atol: 'float' = 1e-06, rtol: 'float' = 0.0001"
     )
-    # The signature, fields and repr are the dataclass's own.
-    params = inspect.signature(il.Picard).parameters
-    assert "mixing" in params and "on_unconverged" in params and "damping" not in params
-    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
-    assert [f.name for f in dataclasses.fields(il.Picard)][-1] == "mixing"
-    assert repr(il.Picard(mixing=0.5, on_unconverged="warn")) == (
-        "Picard(on_unconverged='warn', mixing=0.5)"
+    rule = inspect.signature(il.ImplicitDifferentiation).parameters["solver"].default
+    assert rule == il.GMRES(max_iter=200, rtol=1e-6, atol=1e-10, restart=20)
+    assert repr(il.ImplicitDifferentiation()) == "ImplicitDifferentiation(solver=GMRES(atol=1e-10))"
+    assert repr(il.ImplicitDifferentiation(on_unconverged="raise")) == (
+        "ImplicitDifferentiation(solver=GMRES(atol=1e-10), on_unconverged='raise')"
+    )
+    assert repr(il.ImplicitDifferentiation(solver="picard")) == (
+        "ImplicitDifferentiation(solver=Picard())"
     )
 
 
-def test_a_plug_in_solver_may_have_a_field_with_a_renamed_name():
-    @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
-    class Damped(il.AbstractSolver):
-        damping: float = 0.5
-        on_max_iter: int = 3
-
-        def init(self, z):
-            return {}
-
-        def step(self, state, z, fz, iteration):
-            return torch.lerp(fz, z, self.damping), state, None
-
-    solver = Damped(damping=0.75, on_max_iter=4, max_iter=200)
-    assert (solver.damping, solver.on_max_iter) == (0.75, 4)
-    r = il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(1, 1), solver=solver)
-    assert r.converged.all()
+def test_a_misspelt_or_foreign_keyword_is_a_plain_type_error():
+    for make, name in (
+        (lambda: il.Picard(damping=0.1), "damping"),
+        (lambda: il.Anderson(on_max_iter="raise"), "on_max_iter"),
+        (lambda: il.Broyden(memory=4), "memory"),
+        (lambda: il.PhantomGradient(tau=0.5), "tau"),
+    ):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+            make()
 
 
-def test_a_solver_written_for_the_former_step_and_step_at_is_refused_when_defined():
-    with pytest.raises(TypeError, match=r"Old defines step_at\(iteration, state, z, fz\); step_at"):
-
-        class Old(il.AbstractSolver):
-            def init(self, z):
-                return {}
-
-            def step_at(self, iteration, state, z, fz):
-                return fz, state, None
-
+def test_a_solver_whose_step_the_loop_cannot_call_is_refused_when_defined():
     with pytest.raises(
         TypeError,
         match=r"Older\.step takes 3 arguments after self; .* step\(self, state, z, fz, iteration\)",
@@ -281,6 +286,80 @@ def test_a_solver_written_for_the_former_step_and_step_at_is_refused_when_define
     assert r.converged.all() and r.n_steps.tolist() == [21]
 
 
-def test_broydens_old_memory_keyword_says_what_to_pass():
-    with pytest.raises(TypeError, match=r"Broyden's 'memory' was renamed: pass history_size=4 "):
-        il.Broyden(memory=4)
+def test_a_plug_in_solver_takes_its_own_fields_as_keywords():
+    @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+    class Damped(il.AbstractSolver):
+        damping: float = 0.5
+        on_max_iter: int = 3
+
+        def init(self, z):
+            return {}
+
+        def step(self, state, z, fz, iteration):
+            return torch.lerp(fz, z, self.damping), state, None
+
+    solver = Damped(damping=0.75, on_max_iter=4, max_iter=200)
+    assert (solver.damping, solver.on_max_iter) == (0.75, 4)
+    r = il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(1, 1), solver=solver)
+    assert r.converged.all()
+
+
+# --- Each message is true of the case that raises it, and names a fix that works -----------
+
+
+def _raised(f, z0, solver, *inputs):
+    with pytest.raises(il.ConvergenceError) as caught:
+        il.fixed_point(f, z0, *inputs, solver=solver)
+    return str(caught.value)
+
+
+def test_a_sample_the_others_moved_out_of_tolerance_is_not_told_to_raise_max_iter_only():
+    # Row 1 improves once (0 -> 1, residual 1 then 0.5), then cycles between 1 and 1.5 at
+    # residual 0.5: it uses its whole budget and returns z = 1. Row 0 follows it
+    # (f = 1e-3 z_1): it meets the tolerance at z = 0 against z_1 = 0, is reopened as row 1
+    # moves and never meets it again, so it returns z = 0; at the returned batch (0, 1) it
+    # fails, after fewer than max_iter steps: f couples the samples.
+    def coupled(z):
+        follow = 1e-3 * z[1:]
+        cycle = torch.where(z[1:] < 1.25, 0.5 * z[1:] + 1, 2.5 - z[1:])
+        return torch.cat((follow, cycle), dim=0)
+
+    solver = il.Picard(max_iter=10, on_unconverged="raise")
+    with pytest.raises(il.ConvergenceError) as caught:
+        il.fixed_point(coupled, torch.zeros(2, 1, dtype=F64), solver=solver)
+    result, message = caught.value.result, str(caught.value)
+    assert result.z.squeeze(1).tolist() == [0.0, 1.0]
+    assert result.status.tolist() == [il.Status.UNSETTLED, il.Status.MAX_ITER]
+    assert result.n_steps.tolist() == [10, 10]
+    assert f"MAX_ITER: {il.Status.MAX_ITER.message}"[:60] not in message  # Picard's own advice
+    assert "MAX_ITER: used all max_iter=10 evaluations" in message
+    assert f"UNSETTLED: {il.Status.UNSETTLED.message}" in message
+    assert "f couples the samples" in result.summary()
+
+
+def test_max_iter_advice_depends_on_the_solver():
+    slow = il.Picard(max_iter=2, on_unconverged="raise")
+    assert "use an accelerated solver" in _raised(lambda z: 0.9 * z + 1, torch.zeros(1, 1), slow)
+    for cls in (il.Anderson, il.Broyden):
+        fast = cls(max_iter=2, on_unconverged="raise")
+        message = _raised(lambda z: torch.cos(3 * z), torch.zeros(1, 1), fast)
+        assert "MAX_ITER" in message and "accelerated solver" not in message, cls
+
+
+def test_diverged_under_an_accelerated_solver_names_coupling_and_picard():
+    solver = il.Anderson(max_iter=50, divergence_ratio=2.0, on_unconverged="raise")
+    message = _raised(lambda z: 3 * z + 1, torch.zeros(1, 1), solver)
+    assert "DIVERGED" in message and "try Picard" in message and "couples the samples" in message
+    picard = il.Picard(max_iter=50, divergence_ratio=2.0, on_unconverged="raise")
+    assert "try Picard" not in _raised(lambda z: 3 * z + 1, torch.zeros(1, 1), picard)
+
+
+def test_a_one_dimensional_first_input_is_not_silently_a_batch_of_scalars():
+    deq = il.DEQ(lambda z, x: 0.5 * z + x)
+    with pytest.raises(ValueError, match=r"shape \(16,\).*x\.unsqueeze\(0\).*x\.unsqueeze\(1\)"):
+        deq(torch.randn(16))
+    # The fixes it names work.
+    z, r = deq(torch.ones(16).unsqueeze(0))
+    assert z.shape == (1, 16) and r.converged.all()
+    z, r = deq(torch.ones(16).unsqueeze(1))
+    assert z.shape == (16, 1) and r.converged.all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -446,3 +447,46 @@ def test_value_semantics_and_compact_repr():
         solver.restart = 3  # type: ignore[misc]
     with pytest.raises(TypeError, match="abstract"):
         AbstractLinearSolver()  # type: ignore[abstract]
+
+
+# --- Conjugate gradients ----------------------------------------------------------------
+
+
+def _spd(n, seed, cond=50.0):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q @ torch.diag(torch.logspace(0, math.log10(cond), n, dtype=torch.float64)) @ q.T
+
+
+def test_cg_solves_a_batch_of_spd_systems_to_its_tolerance():
+    A = torch.stack([_spd(12, 0), _spd(12, 1, cond=1e3)])
+    b = torch.randn(2, 12, dtype=torch.float64)
+    result = il.linear.CG(rtol=1e-10, atol=0.0).solve(lambda v: torch.einsum("bij,bj->bi", A, v), b)
+    want = torch.linalg.solve(A, b)
+    assert result.converged.all() and result.linear
+    torch.testing.assert_close(result.z, want, rtol=1e-8, atol=1e-10)
+    true = torch.linalg.vector_norm(b - torch.einsum("bij,bj->bi", A, result.z), dim=1)
+    torch.testing.assert_close(result.residual, true)
+    assert (result.residual <= 1e-10 * torch.linalg.vector_norm(b, dim=1)).all()
+    # The worse-conditioned sample needs more products, each counted per sample.
+    assert result.n_steps[1] > result.n_steps[0] and result.n_f_evals == int(result.n_steps.max())
+
+
+def test_cg_takes_image_shaped_systems_and_stops_on_its_budget():
+    # A = 2 I + 0.5 (shift) acting on (B, 1, 4, 4): SPD; two products cannot solve it.
+    def matvec(v):
+        return 2 * v + 0.25 * (v.roll(1, -1) + v.roll(-1, -1))
+
+    b = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    short = il.linear.CG(max_iter=2, rtol=1e-12, atol=0.0).solve(matvec, b)
+    assert short.status.tolist() == [il.Status.MAX_ITER] * 3 and short.n_steps.tolist() == [2] * 3
+    full = il.linear.CG(max_iter=100, rtol=1e-12, atol=0.0).solve(matvec, b)
+    assert full.converged.all()
+    torch.testing.assert_close(matvec(full.z), b, rtol=0, atol=1e-10)
+
+
+def test_cg_reports_an_indefinite_operator_as_breakdown_and_a_nan_as_nonfinite():
+    A = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    b = torch.tensor([[1.0, 1.0], [float("nan"), 0.0]], dtype=torch.float64)
+    result = il.linear.CG(rtol=1e-10).solve(lambda v: v @ A, b)
+    assert result.status.tolist() == [il.Status.BREAKDOWN, il.Status.NONFINITE]

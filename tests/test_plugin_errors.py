@@ -157,43 +157,7 @@ def test_the_shared_options_are_validated_for_a_plain_subclass():
 # --- keywords renamed, or named differently elsewhere ---------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (
-            lambda: il.ImplicitDifferentiation(on_max_iter="warn"),
-            "ImplicitDifferentiation's 'on_max_iter' was renamed: pass on_unconverged='warn' "
-            "(the same values; it covers every sample whose adjoint did not converge, as the "
-            "solvers' on_unconverged covers the forward)",
-        ),
-        (
-            lambda: il.PhantomGradient(tau=0.4),
-            "PhantomGradient's 'tau' is torchdeq's name for the damped step's weight: pass "
-            "mixing=0.4 (the same weight: lambda in z <- (1 - lambda) z + lambda f(z), the "
-            "weight of f(z), as Picard's and Anderson's mixing)",
-        ),
-        (
-            lambda: il.NeumannPhantom(tau=0.4),
-            "NeumannPhantom's 'tau' is torchdeq's name for the damped step's weight: pass "
-            "mixing=0.4 (the same weight: lambda in z <- (1 - lambda) z + lambda f(z), the "
-            "weight of f(z), as Picard's and Anderson's mixing)",
-        ),
-        (
-            lambda: il.PhantomGradient(damping=0.25),
-            "PhantomGradient's 'damping' is not a keyword (the damped step's weight is mixing, "
-            "the weight of f(z)): pass mixing=0.75 (mixing = 1 - damping: mixing is the weight "
-            "of f(z), z_next = (1 - mixing) z + mixing f(z), as in Picard and Anderson)",
-        ),
-    ],
-    ids=["implicit-on_max_iter", "phantom-tau", "neumann-phantom-tau", "phantom-damping"],
-)
-def test_backward_rules_hint_renamed_and_foreign_keywords(make, message):
-    with pytest.raises(TypeError) as caught:
-        make()
-    assert str(caught.value) == message
-
-
-def test_a_backward_rule_may_have_a_field_with_a_hinted_name():
+def test_a_backward_rule_takes_its_own_fields_as_keywords():
     @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
     class Tau(il.backward.AbstractBackward):
         tau: float = 0.5

@@ -216,16 +216,46 @@ def test_implicit_gradgradcheck_with_module_parameters():
     torch.testing.assert_close(hv, hvu, rtol=1e-8, atol=1e-10)
 
 
-def test_second_order_refuses_a_closure_it_cannot_see():
-    W = (0.3 * torch.eye(4, dtype=torch.float64)).requires_grad_()
+def test_second_order_through_a_closure_is_exact_and_a_global_is_refused():
+    # A tensor a plain f closes over is one the library sees: exact second order.
+    gen = torch.Generator().manual_seed(3)
+    W = (0.3 * torch.randn(4, 4, generator=gen, dtype=torch.float64)).requires_grad_()
     deq = il.DEQ(lambda z, x: torch.tanh(z @ W.T + x), solver=TIGHT, backward="implicit")
-    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    z, _ = deq(x)
-    with pytest.raises(RuntimeError, match="neither an input of the DEQ nor a parameter"):
-        torch.autograd.grad(z.sum(), x, create_graph=True)
-    # First order stays available: the closure's gradient is exact there.
-    (gW,) = torch.autograd.grad(deq(x)[0].sum(), W)
-    assert torch.isfinite(gW).all() and gW.abs().sum() > 0
+    x = torch.randn(2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda x: deq(x).z, (x,))
+    # d/dW of d(sum z*)/dx, exact (the closure's W moves z* too), against central differences.
+    (gx,) = torch.autograd.grad(deq(x).z.sum(), x, create_graph=True)
+    (mixed,) = torch.autograd.grad(gx.pow(2).sum(), W)
+    eps, numeric = 1e-6, torch.zeros_like(W)
+    for i in range(4):
+        for j in range(4):
+            values = []
+            for sign in (1, -1):
+                with torch.no_grad():
+                    W[i, j] += sign * eps
+                (g,) = torch.autograd.grad(deq(x).z.sum(), x)
+                values.append(g.pow(2).sum())
+                with torch.no_grad():
+                    W[i, j] -= sign * eps
+            numeric[i, j] = (values[0] - values[1]) / (2 * eps)
+    torch.testing.assert_close(mixed, numeric, rtol=1e-5, atol=1e-8)
+    # One reached through a global is not: second order raises, naming the tensor.
+    GLOBALS["W"] = W
+    hidden = il.DEQ(_global_cell, solver=TIGHT, backward="implicit")
+    with pytest.raises(RuntimeError, match=r"one \(shape \(4, 4\)\) that is none of the"):
+        torch.autograd.grad(hidden(x).z.sum(), x, create_graph=True)
+    # First order stays available: its gradient reaches W all the same.
+    (gW,) = torch.autograd.grad(hidden(x).z.sum(), W)
+    (want,) = torch.autograd.grad(deq(x).z.sum(), W)
+    torch.testing.assert_close(gW, want, rtol=1e-9, atol=1e-12)
+
+
+#: A tensor f reaches through a global.
+GLOBALS: dict = {}
+
+
+def _global_cell(z, x):
+    return torch.tanh(z @ GLOBALS["W"].T + x)
 
 
 def test_third_order_is_refused_by_name():

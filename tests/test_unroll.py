@@ -222,5 +222,5 @@ def test_unroll_rejects_bad_f_and_states():
         unroll(3, torch.zeros(2, 3), x, steps=2)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="a state must be a Tensor"):
         unroll(lambda z, x: z, 1.0, x, steps=2)
-    with pytest.raises(ValueError, match=r"returned shape \(B, 4\) but z0 has shape \(B, 3\)"):
+    with pytest.raises(ValueError, match=r"returned \(B, 4\) for a state of structure \(B, 3\)"):
         unroll(lambda z, x: torch.zeros(2, 4), torch.zeros(2, 3), x, steps=2)

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
-from typing_extensions import Self
 
+from .._flat import FlatMap
 from .._repr import compact_repr
 from .._result import SolverResult
-from .._validate import KeywordHint, check_renamed
 
 __all__ = ["VJP", "AbstractBackward"]
 
 #: ``vjp(v)`` returns :math:`v^\top \partial f / \partial z` at the fixed point, flat ``(B, n)``.
 VJP = Callable[[Tensor], Tensor]
-
-#: ``f`` on flat ``(B, n)`` states with the inputs bound.
-FlatFn = Callable[[Tensor], Tensor]
 
 #: Called during the backward pass with the rule and the adjoint solve's result.
 OnResult = Callable[["AbstractBackward", "SolverResult | None"], None]
@@ -50,20 +46,7 @@ class AbstractBackward(abc.ABC):
     :math:`u` with :math:`z^\star` held fixed (so :class:`~implicitlayers.JFB` gives the
     second derivative of the one-step map :math:`f(z^\star, x)`), unless the rule is
     :attr:`exact`, in which case they are the exact second derivatives of the fixed point.
-
-    A keyword renamed before 1.0 (``ImplicitDifferentiation``'s ``on_max_iter``) or named
-    differently elsewhere (torchdeq's ``tau`` for the phantom rules' ``mixing``) raises a
-    ``TypeError`` that says what to pass.
     """
-
-    #: Keywords renamed before 1.0 or named differently elsewhere (torchdeq's ``tau``), each
-    #: mapped as in :class:`~implicitlayers.solvers.AbstractSolver`'s ``_renamed``.
-    _renamed: ClassVar[Mapping[str, KeywordHint]] = {}
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        # As for the solvers: one check for every rule, the dataclass machinery untouched.
-        check_renamed(cls, kwargs, cls._renamed)
-        return super().__new__(cls)
 
     def __repr__(self) -> str:
         return compact_repr(self)
@@ -97,7 +80,7 @@ class AbstractBackward(abc.ABC):
 
     def attach(
         self,
-        f_flat: FlatFn,
+        f_flat: FlatMap,
         z_star: Tensor,
         on_result: OnResult | None = None,
         *,
@@ -163,7 +146,7 @@ class _ReplaceGradient(torch.autograd.Function):
         z_in: Tensor,
         rule: AbstractBackward,
         on_result: OnResult | None,
-        f_flat: FlatFn | None,
+        f_flat: FlatMap | None,
         *leaves: Tensor,
     ) -> Tensor:
         ctx.save_for_backward(fz, z_in, *leaves)
@@ -201,7 +184,7 @@ class _ReplaceGradient(torch.autograd.Function):
 
 def _exact_second_order(
     rule: AbstractBackward,
-    f_flat: FlatFn,
+    f_flat: FlatMap,
     fz: Tensor,
     z_in: Tensor,
     grad: Tensor,
@@ -273,7 +256,9 @@ def _exact_second_order(
     return [by_id.get(id(t)) for t in leaves]
 
 
-def _attach_final(rule: AbstractBackward, f_flat: FlatFn, z_star: Tensor) -> Tensor:
+def _attach_final(
+    rule: AbstractBackward, f_flat: Callable[[Tensor], Tensor], z_star: Tensor
+) -> Tensor:
     """:meth:`AbstractBackward.attach` for a map whose own double backward is not supported."""
     z_in = z_star.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -301,9 +286,10 @@ def _check_leaves_cover(fz: Tensor, z_in: Tensor, leaves: Sequence[Tensor]) -> N
         if variable is not None and id(variable) not in known:
             raise RuntimeError(
                 "a second-order gradient through ImplicitDifferentiation needs to know every "
-                "tensor f differentiates, but f uses one that is neither an input of the DEQ "
-                f"nor a parameter of the nn.Module f (shape {tuple(variable.shape)}; a tensor "
-                "a plain callable closes over?). Pass it as an input, deq(x, w) with f(z, x, "
-                "w), or make f an nn.Module that holds it as a parameter."
+                f"tensor f differentiates, but f uses one (shape {tuple(variable.shape)}) that "
+                "is none of the tensors the library can see: the inputs of the DEQ (however "
+                "nested), the parameters, buffers and tensor attributes of an nn.Module f, the "
+                "closure of a plain f. Reached through a global? Pass it as an input, deq(x, w) "
+                "with f(z, x, w), or hold it in an nn.Module f."
             )
         stack.extend(next_node for next_node, _ in node.next_functions)

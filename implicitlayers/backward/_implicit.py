@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -14,8 +13,9 @@ from torch import Tensor
 from .._errors import ConvergenceError, ConvergenceWarning
 from .._fixed_point import fixed_point
 from .._lookup import lookup
+from .._repr import compact_repr
 from .._result import SolverResult, Status
-from .._validate import KeywordHint, check_choice
+from .._validate import Policy, check_choice
 from .._warn import warn_at_caller
 from ..linear import GMRES, AbstractLinearSolver
 from ..solvers import AbstractSolver
@@ -24,11 +24,13 @@ from ._base import VJP, AbstractBackward
 
 __all__ = ["ImplicitDifferentiation"]
 
-Policy = Literal["ignore", "warn", "raise"]
+
+#: The default adjoint solver (a frozen dataclass: one shared value is safe).
+DEFAULT_ADJOINT_SOLVER = GMRES(max_iter=200, rtol=1e-6, atol=1e-10, restart=20)
 
 
 def _default_adjoint_solver() -> AbstractLinearSolver:
-    return GMRES(max_iter=200, rtol=1e-6, atol=1e-10, restart=20)
+    return DEFAULT_ADJOINT_SOLVER
 
 
 #: The names ``ImplicitDifferentiation(solver=...)`` accepts: the default linear solver and the
@@ -92,16 +94,20 @@ class ImplicitDifferentiation(AbstractBackward):
         True
     """
 
-    solver: AbstractSolver | AbstractLinearSolver = field(default_factory=_default_adjoint_solver)
+    solver: AbstractSolver | AbstractLinearSolver = DEFAULT_ADJOINT_SOLVER
     fallback_to_jfb: bool = True
     on_unconverged: Policy = "warn"
 
-    _renamed: ClassVar[Mapping[str, KeywordHint]] = {
-        "on_max_iter": lambda value: (
-            f"on_unconverged={value!r} (the same values; it covers every sample whose adjoint "
-            "did not converge, as the solvers' on_unconverged covers the forward)"
-        ),
-    }
+    def __repr__(self) -> str:
+        # The adjoint solver is named even when it is the default: the rule's cost and
+        # accuracy are its.
+        shown = compact_repr(self)
+        if self.solver == DEFAULT_ADJOINT_SOLVER:
+            inner = shown[len("ImplicitDifferentiation(") : -1]
+            shown = f"ImplicitDifferentiation(solver={self.solver!r}" + (
+                f", {inner})" if inner else ")"
+            )
+        return shown
 
     def __post_init__(self) -> None:
         solver = lookup(
@@ -134,8 +140,11 @@ class ImplicitDifferentiation(AbstractBackward):
             result = fixed_point(lambda u: vjp(u) + grad, grad, solver=quiet)
         u: Tensor = result.z
         if self.fallback_to_jfb:
-            failed = (result.status != int(Status.SUCCESS)) & (
-                result.status != int(Status.MAX_ITER)
+            status = result.status
+            failed = (
+                (status == int(Status.NONFINITE))
+                | (status == int(Status.DIVERGED))
+                | (status == int(Status.BREAKDOWN))
             )
             u = torch.where(failed[:, None], grad, u)
         self._report(result)
@@ -144,27 +153,22 @@ class ImplicitDifferentiation(AbstractBackward):
     def _report(self, result: SolverResult) -> None:
         if self.on_unconverged == "ignore" or bool(result.converged.all()):
             return
-        if isinstance(self.solver, AbstractLinearSolver):
-            advice = (
-                "its residual ||g - (I - J^T) u|| stayed above atol + rtol * ||g||. Raise the "
-                "adjoint solver's max_iter, or its restart if it has one (restarted GMRES can "
-                "stagnate; a larger Krylov space per cycle helps), or loosen its rtol; an "
-                "eigenvalue of J near 1 makes the system ill-conditioned "
-                "(implicitlayers.diagnostics.spectral_radius estimates rho(J)): regularise f "
-                "towards a contraction."
+        codes = sorted({int(c) for c in result.status[~result.converged].tolist()})
+        linear = isinstance(self.solver, AbstractLinearSolver)
+        reasons = " ".join(
+            f"{Status(c).name}: {Status(c).linear_message if linear else Status(c).message}"
+            for c in codes
+        )
+        if not linear:
+            reasons += (
+                " On the adjoint equation u = J^T u + g a fixed-point solver needs "
+                "rho(J) < 1 (implicitlayers.diagnostics.spectral_radius estimates it); GMRES "
+                "(solver='gmres') needs only I - J^T invertible."
             )
-        else:
-            advice = (
-                "its residual ||J^T u + g - u|| stayed above the tolerance. "
-                "implicitlayers.diagnostics.spectral_radius tells whether rho(J) >= 1, where "
-                "a fixed-point solver cannot converge. Give the adjoint solver a larger "
-                "max_iter, use GMRES (solver='gmres': it needs only I - J^T invertible), or "
-                "regularise f towards a contraction."
-            )
+        # No counts in the text: Python's default filter shows one warning per message.
         message = (
             f"{self!r}: the adjoint solve did not converge for some samples, so their "
-            f"gradients are inexact (DEQ.last_backward_result holds the statuses): {advice} "
-            "This warning is shown once per rule."
+            f"gradients are inexact (DEQ.last_backward_result holds the statuses). {reasons}"
         )
         if self.on_unconverged == "raise":
             raise ConvergenceError(message + "\n" + result.summary(), result)

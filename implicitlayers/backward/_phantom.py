@@ -3,35 +3,18 @@ Neumann series."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from .._flat import FlatMap
 from .._result import SolverResult
-from .._validate import KeywordHint, check_float, check_int, from_damping
-from ._base import VJP, AbstractBackward, FlatFn, OnResult, _ValueOfFirst
+from .._validate import check_float, check_int
+from ._base import VJP, AbstractBackward, OnResult, _ValueOfFirst
 
 __all__ = ["NeumannPhantom", "PhantomGradient"]
-
-
-def _from_tau(tau: Any) -> str:
-    return (
-        f"mixing={tau!r} (the same weight: lambda in z <- (1 - lambda) z + lambda f(z), the "
-        "weight of f(z), as Picard's and Anderson's mixing)"
-    )
-
-
-#: torchdeq's name for the weight, and the former solvers' damping (the weight of z).
-_RENAMED: Mapping[str, KeywordHint] = {
-    "tau": ("is torchdeq's name for the damped step's weight", _from_tau),
-    "damping": (
-        "is not a keyword (the damped step's weight is mixing, the weight of f(z))",
-        lambda damping: from_damping(damping, as_in="Picard and Anderson"),
-    ),
-}
 
 
 def _check(count_name: str, count: int, minimum: int, mixing: float) -> None:
@@ -107,8 +90,6 @@ class PhantomGradient(AbstractBackward):
     steps: int = 5
     mixing: float = 0.5
 
-    _renamed: ClassVar[Mapping[str, KeywordHint]] = _RENAMED
-
     def __post_init__(self) -> None:
         _check("steps", self.steps, 1, self.mixing)
 
@@ -123,7 +104,7 @@ class PhantomGradient(AbstractBackward):
 
     def attach(
         self,
-        f_flat: FlatFn,
+        f_flat: FlatMap,
         z_star: Tensor,
         on_result: OnResult | None = None,
         *,
@@ -192,8 +173,6 @@ class NeumannPhantom(AbstractBackward):
 
     terms: int = 5
     mixing: float = 0.5
-
-    _renamed: ClassVar[Mapping[str, KeywordHint]] = _RENAMED
 
     def __post_init__(self) -> None:
         _check("terms", self.terms, 0, self.mixing)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._tree import flatten, spec_of, unflatten
+from .._flat import flat_map
 from .._validate import check_int
 
 __all__ = ["jacobian_frobenius", "jacobian_penalty"]
@@ -180,20 +180,24 @@ def jacobian_penalty(
     if not callable(f):
         raise TypeError(f"f must be callable as f(z, *inputs), got {f!r}")
     check_int("n_probes", n_probes, minimum=1)
-    spec = spec_of(z)
-    flat = flatten(z).detach()
-    if not flat.is_floating_point():
-        raise TypeError(f"z must hold floating-point tensors, got dtype {flat.dtype}")
+    f_flat, flat = flat_map(f, z, inputs)
+    return penalty_at(f_flat, flat, n_probes=n_probes, generator=generator, normalize=normalize)
+
+
+def penalty_at(
+    f_flat: Callable[[Tensor], Tensor],
+    flat: Tensor,
+    *,
+    n_probes: int,
+    generator: torch.Generator | None = None,
+    normalize: bool = False,
+) -> Tensor:
+    """:func:`jacobian_penalty` of the flat map ``f_flat`` at the flat point ``flat``
+    (detached), differentiable in what ``f_flat`` depends on whenever autograd records."""
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        flat = flat.requires_grad_()
-        out = f(unflatten(flat, spec), *inputs)
-        fz = flatten(out)
-        if fz.shape != flat.shape:
-            raise ValueError(
-                f"f(z, *inputs) must return a state shaped like z, {spec.describe()}, got "
-                f"{spec_of(out).describe()}"
-            )
+        flat = flat.detach().requires_grad_()
+        fz = f_flat(flat)
         if not fz.requires_grad:  # f ignores z and has no parameters: J = 0
             return fz.new_zeros(fz.shape[0])
         return jacobian_frobenius(

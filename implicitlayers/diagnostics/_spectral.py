@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._tree import TreeSpec, flatten, spec_of, unflatten
+from .._flat import flat_map
 from .._validate import check_choice, check_float, check_int
 
 __all__ = ["SpectralRadius", "spectral_radius", "spectral_radius_of"]
@@ -227,18 +227,24 @@ def spectral_radius(
         raise TypeError(f"f must be callable as f(z, *inputs), got {f!r}")
     _check_options(max_iter, rtol)
     check_choice("mode", mode, _MODES)
-    spec = spec_of(z)
-    flat = flatten(z).detach()
-    if not flat.is_floating_point():
-        raise TypeError(f"z must hold floating-point tensors, got dtype {flat.dtype}")
+    f_flat, flat = flat_map(f, z, inputs)
+    return radius_at(f_flat, flat, max_iter=max_iter, rtol=rtol, mode=mode, generator=generator)
 
-    def g(flat_z: Tensor) -> Tensor:
-        out = f(unflatten(flat_z, spec), *inputs)
-        return _flat_output(out, spec, flat)
 
+def radius_at(
+    f_flat: Callable[[Tensor], Tensor],
+    flat: Tensor,
+    *,
+    max_iter: int = 50,
+    rtol: float = 1e-3,
+    mode: str = "vjp",
+    generator: torch.Generator | None = None,
+) -> SpectralRadius:
+    """:func:`spectral_radius` of the flat map ``f_flat`` at the flat point ``flat``."""
+    flat = flat.detach()
     with torch.enable_grad():
         z_ = flat.clone().requires_grad_()
-        fz = g(z_)
+        fz = f_flat(z_)
         if mode == "vjp":
             apply = _vjp_apply(fz, z_)
         else:
@@ -267,19 +273,6 @@ def _vjp_apply(
 def _check_options(max_iter: Any, rtol: Any) -> None:
     check_int("max_iter", max_iter, minimum=1)
     check_float("rtol", rtol, low=0.0, low_open=True)
-
-
-def _flat_output(out: Any, spec: TreeSpec, flat: Tensor) -> Tensor:
-    try:
-        fz = flatten(out)
-    except TypeError as err:
-        raise TypeError(f"f(z, *inputs) must return a state shaped like z: {err}") from None
-    if fz.shape != flat.shape:
-        raise ValueError(
-            f"f(z, *inputs) must return a state shaped like z, {spec.describe()}, got "
-            f"{spec_of(out).describe()}; the spectral radius needs a square Jacobian"
-        )
-    return fz
 
 
 def _arnoldi(

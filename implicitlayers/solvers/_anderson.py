@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validate import KeywordHint, check_float, check_int, from_damping
+from .._validate import check_float, check_int
 from ._base import AbstractSolver, SolverState, combine, dots
 
 __all__ = ["Anderson"]
@@ -79,14 +77,6 @@ class Anderson(AbstractSolver):
     mixing: float = 1.0
     regularization: float = 1e-6
     safeguard: bool = True
-
-    _renamed: ClassVar[Mapping[str, KeywordHint]] = {
-        **AbstractSolver._renamed,
-        "damping": (
-            "is not a keyword (Anderson's weight is mixing, the weight of f(z))",
-            lambda damping: from_damping(damping, as_in="Picard and PhantomGradient"),
-        ),
-    }
 
     def __post_init__(self) -> None:
         super().__post_init__()

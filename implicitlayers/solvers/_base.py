@@ -5,23 +5,14 @@ from __future__ import annotations
 import abc
 import functools
 import inspect
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from typing_extensions import Self
 
 from .._repr import compact_repr
-from .._validate import (
-    KeywordHint,
-    check_budget,
-    check_choice,
-    check_float,
-    check_int,
-    check_renamed,
-)
+from .._validate import Policy, check_budget, check_choice, check_float, check_int
 
 __all__ = ["AbstractSolver", "SolverState"]
 
@@ -29,7 +20,6 @@ __all__ = ["AbstractSolver", "SolverState"]
 #: driver loop can select, freeze and restore samples without knowing the algorithm.
 SolverState = dict[str, Tensor]
 
-Policy = Literal["ignore", "warn", "raise"]
 _POLICIES = ("ignore", "warn", "raise")
 
 #: How a residual is measured: over all features (``"l2"``) or per feature (``"rms"``).
@@ -76,10 +66,6 @@ class AbstractSolver(abc.ABC):
     state :meth:`init` returns (with ``independent_samples=True``) and what the first
     :meth:`step` of each solve returns, once per solve and on shapes only.
 
-    Keywords renamed before 1.0 (``on_max_iter``, Picard's ``damping``), and a ``damping``
-    where the weight is ``mixing`` (Anderson's), raise a ``TypeError`` that says what to pass
-    now.
-
     Args:
         max_iter: Most evaluations of ``f`` per sample.
         atol: Absolute tolerance on the residual norm.
@@ -113,21 +99,6 @@ class AbstractSolver(abc.ABC):
 
     def __post_init__(self) -> None:
         _check_shared_options(self)
-
-    #: Keywords renamed before 1.0, each mapped to what to pass now given the old value. A
-    #: subclass that renames one of its own extends it: ``{**Parent._renamed, "old": ...}``.
-    _renamed: ClassVar[Mapping[str, KeywordHint]] = {
-        "on_max_iter": lambda value: (
-            f"on_unconverged={value!r} (the same values; the policy also covers DIVERGED and "
-            "BREAKDOWN samples, and ImplicitDifferentiation names its own policy the same)"
-        ),
-    }
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        # Here rather than in the generated __init__: one check for every subclass (a user's
-        # too), and the fields, repr, comparison and pickling stay those of the dataclass.
-        check_renamed(cls, kwargs, cls._renamed)
-        return super().__new__(cls)
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
@@ -209,15 +180,9 @@ def _validate_after(cls: type, name: str) -> None:
 
 
 def _check_step_signature(cls: type) -> None:
-    """Refuse, when the class is defined, a solver written for the former two entry points
-    (``step(state, z, fz)`` and ``step_at(iteration, state, z, fz)``), which the driver loop
-    would otherwise reject with a bare argument-count error in the middle of a solve."""
-    fix = (
-        "step_at and step were merged before 1.0: implement one method, "
-        "step(self, state, z, fz, iteration), and ignore iteration if you do not need it"
-    )
-    if "step_at" in vars(cls):
-        raise TypeError(f"{cls.__name__} defines step_at(iteration, state, z, fz); {fix}")
+    """Refuse, when the class is defined, a ``step`` the driver loop cannot call as
+    ``step(state, z, fz, iteration)`` (it would otherwise fail with a bare argument-count
+    error in the middle of a solve)."""
     step = vars(cls).get("step")
     if not inspect.isfunction(step):
         return
@@ -235,7 +200,11 @@ def _check_step_signature(cls: type) -> None:
         for kind in kinds
     )
     if positional < 5 and inspect.Parameter.VAR_POSITIONAL not in kinds:
-        raise TypeError(f"{cls.__name__}.step takes {positional - 1} arguments after self; {fix}")
+        raise TypeError(
+            f"{cls.__name__}.step takes {positional - 1} arguments after self; the driver loop "
+            "calls it with four: def step(self, state, z, fz, iteration) (ignore iteration if "
+            "you do not need it)"
+        )
 
 
 #: Up to this many features per sample, a batched product with the history is faster on the

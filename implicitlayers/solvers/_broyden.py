@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .._validate import KeywordHint, check_int
+from .._validate import check_int
 from ._base import AbstractSolver, SolverState, combine, dots
 
 __all__ = ["Broyden"]
@@ -54,13 +52,6 @@ class Broyden(AbstractSolver):
     """
 
     history_size: int = 10
-
-    _renamed: ClassVar[Mapping[str, KeywordHint]] = {
-        **AbstractSolver._renamed,
-        "memory": lambda value: (
-            f"history_size={value!r} (the same meaning, named as Anderson's history_size)"
-        ),
-    }
 
     def __post_init__(self) -> None:
         super().__post_init__()

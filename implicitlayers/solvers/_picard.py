@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .._validate import KeywordHint, check_float, from_damping
+from .._validate import check_float
 from ._base import AbstractSolver, SolverState
 
 __all__ = ["Picard"]
@@ -34,8 +32,7 @@ class Picard(AbstractSolver):
 
     Args:
         mixing: :math:`\beta \in (0, 1]`; ``1`` (default) is plain Picard iteration,
-            :math:`z_{k+1} = f(z_k)`. (Formerly ``damping``, the weight of :math:`z_k`:
-            ``mixing = 1 - damping``.)
+            :math:`z_{k+1} = f(z_k)`.
 
     Example:
         >>> import torch, implicitlayers as il
@@ -48,11 +45,6 @@ class Picard(AbstractSolver):
     """
 
     mixing: float = 1.0
-
-    _renamed: ClassVar[Mapping[str, KeywordHint]] = {
-        **AbstractSolver._renamed,
-        "damping": lambda damping: from_damping(damping, as_in="Anderson and PhantomGradient"),
-    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
