@@ -150,3 +150,42 @@ def test_host_reads_passes_through_and_changes_no_result():
     assert torch.equal(a.z, b.z) and torch.equal(a.result.n_steps, b.result.n_steps)
     with pytest.raises(TypeError, match="host_reads must be None, True or False"):
         il.DEQ(cell, host_reads="no")
+
+
+def test_a_forward_flattens_the_state_once_and_unflattens_each_output_once(monkeypatch):
+    # A dict state: f's own calls rebuild the state, check and flatten its output (one
+    # unflatten, one structure and one flatten per call, inside the one FlatMap); beyond
+    # those, the forward checks and flattens z0 once and unflattens each returned state once:
+    # the solution, and the attached output when autograd records. With the penalty and the
+    # spectral radius too.
+    from implicitlayers import _tree
+
+    counts: dict[str, int] = {}
+    for name in ("flatten", "unflatten", "spec_of", "batch_size"):
+        original = getattr(_tree, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_tree, name, counted)
+    calls = []
+
+    def f(z, x):
+        calls.append(1)
+        return {"b": 0.5 * z["b"] + x[:, :2], "a": 0.25 * z["a"] + x[:, 2:]}
+
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    z0 = {"b": torch.zeros(3, 2, dtype=torch.float64), "a": torch.zeros(3, 3, dtype=torch.float64)}
+    for grad, penalty in ((False, 0), (True, 0), (True, 2)):
+        counts.clear()
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            out = il.DEQ(f, solver=TIGHT)(x, z0=z0, jacobian_penalty=penalty,
+                                          spectral_radius=bool(penalty))  # fmt: skip
+        n = len(calls)
+        # spec_of recurses: a dict of two leaves is three calls, per structure taken.
+        assert counts["spec_of"] == 3 * (1 + n) and counts["batch_size"] == 1, (grad, counts)
+        assert counts["flatten"] == 1 + n, (grad, counts)  # z0, then each f output
+        assert counts["unflatten"] == n + 1 + grad, (grad, counts)  # each f input; outputs
+        assert out.result.converged.all() and list(out.z) == ["b", "a"]

@@ -64,6 +64,19 @@ NESTINGS = {
 }
 
 
+class Frozen(nn.Module):
+    """``f`` as an ``nn.Module`` whose own layer is frozen (the case where the DEQ used to
+    decide from ``f.parameters()`` alone that nothing needs a gradient)."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.fn = f
+        self.lin = nn.Linear(2, 2).requires_grad_(False)
+
+    def forward(self, z, *inputs):
+        return self.fn(z, *inputs)
+
+
 @pytest.mark.parametrize("rule", RULES, ids=IDS)
 @pytest.mark.parametrize("nesting", list(NESTINGS))
 def test_a_tensor_inside_a_nested_input_gets_its_gradient(rule, nesting):
@@ -73,7 +86,7 @@ def test_a_tensor_inside_a_nested_input_gets_its_gradient(rule, nesting):
     c = torch.randn(2, 5, generator=gen, dtype=F64)
     pack, f = NESTINGS[nesting]
     leaf = k.clone().requires_grad_()
-    deq = il.DEQ(f, solver=TIGHT, backward=rule)
+    deq = il.DEQ(Frozen(f), solver=TIGHT, backward=rule)
     z, _ = deq(*pack(y, leaf), z0=torch.zeros(2, 5, dtype=F64))
     assert z.requires_grad
     (c * z).sum().backward()
@@ -86,7 +99,9 @@ def test_implicit_differentiation_of_a_nested_input_is_the_closed_form():
     y = torch.randn(2, 3, generator=gen, dtype=F64)
     k = torch.randn(2, 5, generator=gen, dtype=F64, requires_grad=True)
     c = torch.randn(2, 5, generator=gen, dtype=F64)
-    deq = il.DEQ(lambda z, i: frozen_affine(z, i["y"], i["k"]), solver=TIGHT, backward=RULES[2])
+    deq = il.DEQ(
+        Frozen(lambda z, i: frozen_affine(z, i["y"], i["k"])), solver=TIGHT, backward=RULES[2]
+    )
     z, _ = deq({"y": y, "k": k}, z0=torch.zeros(2, 5, dtype=F64))
     (c * z).sum().backward()
     torch.testing.assert_close(k.grad, PROBLEM.adjoint(c), rtol=1e-10, atol=1e-12)
@@ -172,7 +187,7 @@ def test_nested_inputs_of_failed_samples_are_cleaned_before_the_attach():
     y = torch.tensor([[0.5, -0.2, 0.1], [float("nan"), 0.0, 0.0]], dtype=F64)
     k = torch.zeros(2, 5, dtype=F64, requires_grad=True)
     solver = il.Anderson(max_iter=100, rtol=1e-12, on_nonfinite="ignore")
-    deq = il.DEQ(lambda z, i: frozen_affine(z, i["y"], i["k"]), solver=solver)
+    deq = il.DEQ(Frozen(lambda z, i: frozen_affine(z, i["y"], i["k"])), solver=solver)
     z, result = deq({"y": y, "k": k}, z0=torch.zeros(2, 5, dtype=F64))
     assert result.status.tolist() == [il.Status.SUCCESS, il.Status.NONFINITE]
     z[0].sum().backward()
