@@ -14,6 +14,7 @@ from . import nn as nn
 from ._deq import DEQ, DEQOutput
 from ._errors import ConvergenceError, ConvergenceWarning
 from ._fixed_point import fixed_point
+from ._monotone_deq import CertifiedOutput, MonotoneDEQ
 from ._result import SolverResult, Status
 from ._unroll import unroll
 from .backward import (
@@ -42,10 +43,12 @@ __all__ = [
     "AbstractSolver",
     "Anderson",
     "Broyden",
+    "CertifiedOutput",
     "ConvergenceError",
     "ConvergenceWarning",
     "DEQOutput",
     "ImplicitDifferentiation",
+    "MonotoneDEQ",
     "Neumann",
     "NeumannPhantom",
     "PhantomGradient",
