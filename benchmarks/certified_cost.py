@@ -2,8 +2,8 @@ r"""What a certificate costs: one forward (and backward) of a certified cell aga
 unconstrained one, and the certificate itself, at a few widths.
 
 Each configuration is timed in one process with the variants interleaved (one call of each in
-turn, repeated), and the medians reported, so that a shared machine's load affects all
-variants alike::
+turn, the order rotated at every repeat), and the medians reported, so that a shared
+machine's load, and the memory a previous call released, affect all variants alike::
 
     python benchmarks/certified_cost.py                 # prints a Markdown table
     python benchmarks/certified_cost.py --widths 64 256 --batch 64 --repeats 30
@@ -109,8 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(args.batch, args.inputs)
         times = {(name, mode): [] for name in calls for mode in (False, True)}
         steps: dict[str, float] = {}
+        order = list(times)
         for repeat in range(args.repeats + 2):
-            for (name, backward), samples in times.items():
+            # Rotate the order every repeat: a call right after a large backward pays for the
+            # memory that backward released (page faults), whichever variant it is.
+            shift = repeat % len(order)
+            for name, backward in order[shift:] + order[:shift]:
+                samples = times[name, backward]
                 start = time.perf_counter()
                 steps[name] = calls[name](x, backward)
                 if repeat >= 2:  # two warm-up rounds
