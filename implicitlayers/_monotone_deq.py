@@ -216,7 +216,10 @@ class MonotoneDEQ(nn.Module):
         Args:
             x: ``(B, ...)`` input batch.
             z0: Initial state of the iteration (:math:`z` for forward-backward, :math:`u`
-                for Peaceman-Rachford), ``(B, *cell.state_shape(x))``; zeros by default.
+                for Peaceman-Rachford), ``(B, *cell.state_shape(x))``; zeros by default. To
+                warm-start from an earlier solve, pass its ``result.z`` (the iterated
+                variable: :math:`u^\star` for Peaceman-Rachford, not the returned
+                :math:`z^\star = \sigma(u^\star)`).
             solver: Overrides the splitting solver for this call.
 
         Returns:

@@ -147,6 +147,20 @@ def test_every_success_has_a_small_residual_of_the_equilibrium_map():
         assert bool((cell.certify(out.z, x) <= 1e-3).all())
 
 
+def test_a_warm_start_from_the_iterated_variable_saves_iterations():
+    cell, x = layer("dense", 12)
+    deq = il.MonotoneDEQ(cell, solver=il.nn.PeacemanRachford(max_iter=300, rtol=1e-8))
+    with torch.no_grad():
+        out = deq(x)
+        warm = deq(x + 1e-3, z0=out.result.z)
+        cold = deq(x + 1e-3)
+    assert bool(warm.result.converged.all()) and bool(cold.result.converged.all())
+    assert warm.result.n_steps.sum() < 0.8 * cold.result.n_steps.sum()
+    assert warm.error_bound is not None and cold.error_bound is not None
+    gap = (warm.z - cold.z).norm(dim=1)
+    assert bool((gap <= warm.error_bound + cold.error_bound).all())  # one equilibrium
+
+
 def test_certify_false_skips_the_certificate_and_solves_the_same():
     cell, x = layer("dense", 7)
     with torch.no_grad():
