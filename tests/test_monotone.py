@@ -157,6 +157,10 @@ def test_certificate_iterations_and_bounds():
     c, g = cert.error_factor, cert.rate
     k = cert.iterations(1e-6, initial_residual=2.0)
     assert c * g**k * 2.0 <= 1e-6 < c * g ** (k - 1) * 2.0
+    assert cert.error_after(k, 2.0) == pytest.approx(c * g**k * 2.0, rel=1e-12)
+    assert cert.error_after(0, 2.0) == pytest.approx(2.0 * c)
+    with pytest.raises(ValueError, match="iterations must be an int >= 0, got -1"):
+        cert.error_after(-1, 2.0)
     assert cert.iterations(1e3, initial_residual=2.0) == 0
     torch.testing.assert_close(cert.error_bound(torch.tensor([1.0, 2.0])), torch.tensor([c, 2 * c]))
     with pytest.raises(ValueError, match="error must be > 0"):
@@ -174,6 +178,7 @@ def test_a_large_forward_backward_step_is_not_certified():
     assert math.isfinite(cert.error_factor)
     with pytest.raises(ValueError, match="not certified"):
         cert.iterations(1e-3, 1.0)
+    assert cert.error_after(10, 1.0) == math.inf
     pr = cell.certificate((8,), il.nn.PeacemanRachford(alpha=10.0))
     assert pr.certified  # every Peaceman-Rachford step is
 

@@ -82,7 +82,7 @@ def test_residuals_shrink_at_least_at_the_certified_rate(kind, solver):
     import dataclasses
 
     cell, x = layer(kind, 2)
-    deq = il.MonotoneDEQ(cell, solver=dataclasses.replace(solver, trace=True))
+    deq = il.MonotoneDEQ(cell, solver=dataclasses.replace(solver, trace=True, rtol=1e-7))
     with torch.no_grad():
         out = deq(x, z0=3 * torch.randn(len(x), *cell.state_shape(x), dtype=F64))
     cert, result = out.certificate, out.result
@@ -115,6 +115,7 @@ def test_a_priori_iterations_guarantee_the_error(kind):
         out = il.MonotoneDEQ(cell, solver=solver)(x, z0=z0)
     error = (out.z.reshape(len(x), -1) - z_star).norm(dim=1)
     assert bool((error <= target).all())
+    assert bool((error <= cert.error_after(k, r0)).all())
     assert k > 3  # the test means something: the start was not already within the target
 
 
@@ -198,8 +199,16 @@ def test_the_layer_saves_copies_and_takes_an_empty_batch():
 # -- Gradients ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("splitting", [il.nn.PeacemanRachford, il.nn.ForwardBackward])
+@pytest.mark.parametrize(
+    ("kind", "splitting"),
+    [
+        ("dense", il.nn.PeacemanRachford),
+        ("dense", il.nn.ForwardBackward),
+        ("lben", il.nn.PeacemanRachford),
+        ("lben", il.nn.ForwardBackward),
+        ("conv", il.nn.PeacemanRachford),  # conv + FB: the operator's gradient is checked below
+    ],
+)
 def test_gradcheck_through_implicit_differentiation(kind, splitting):
     """Gradients in x and every parameter, through the splitting operator's fixed point."""
     torch.manual_seed(8)
@@ -232,13 +241,21 @@ def test_gradcheck_through_implicit_differentiation(kind, splitting):
     assert bool(deq.last_backward_result.converged.all())
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("splitting", [il.nn.PeacemanRachford, il.nn.ForwardBackward])
+@pytest.mark.parametrize(
+    ("kind", "splitting"),
+    [
+        ("dense", il.nn.PeacemanRachford),
+        ("dense", il.nn.ForwardBackward),
+        ("lben", il.nn.PeacemanRachford),
+        ("lben", il.nn.ForwardBackward),
+        ("conv", il.nn.PeacemanRachford),  # conv + FB: thousands of steps, the same bound
+    ],
+)
 def test_the_default_adjoint_contracts_at_the_certified_rate(kind, splitting):
     """||J|| <= rate at the fixed point, so the Picard adjoint's residuals shrink as fast."""
     cell, x = layer(kind, 10)
-    rule = il.ImplicitDifferentiation(solver=il.Picard(max_iter=5000, rtol=1e-10, trace=True))
-    deq = il.MonotoneDEQ(cell, solver=splitting(max_iter=5000, rtol=1e-10), backward=rule)
+    rule = il.ImplicitDifferentiation(solver=il.Picard(max_iter=5000, rtol=1e-8, trace=True))
+    deq = il.MonotoneDEQ(cell, solver=splitting(max_iter=5000, rtol=1e-8), backward=rule)
     out = deq(x.clone().requires_grad_())
     (out.z * torch.randn_like(out.z)).sum().backward()
     adjoint, cert = deq.last_backward_result, out.certificate
@@ -249,6 +266,22 @@ def test_the_default_adjoint_contracts_at_the_certified_rate(kind, splitting):
         assert bool((r[1:] <= cert.rate * r[:-1] * (1 + 1e-9) + 1e-15).all())
     # And the default rule is that certified Picard adjoint.
     assert isinstance(il.MonotoneDEQ(cell).backward.solver, il.Picard)
+
+
+def test_gradcheck_of_the_conv_cells_operator():
+    """The periodic convolutions' Fourier operator (what forward-backward iterates), in the
+    state, the input and the kernels."""
+    torch.manual_seed(13)
+    cell = il.nn.MonotoneConv2d(1, 2, margin=0.5).double()
+    z = torch.randn(2, 2, 3, 2, dtype=F64, requires_grad=True)
+    x = torch.randn(2, 1, 3, 2, dtype=F64, requires_grad=True)
+    names = [name for name, _ in cell.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in cell.parameters())
+
+    def fn(z: torch.Tensor, x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        return functional_call(cell, dict(zip(names, values, strict=True)), (z, x))
+
+    assert torch.autograd.gradcheck(fn, (z, x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 # -- Errors -------------------------------------------------------------------------------------

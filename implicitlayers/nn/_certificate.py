@@ -140,8 +140,9 @@ class MonotoneCertificate:
         \|z_k - z^\star\| \le c\, r_k \le c\, \gamma^k r_0,
 
     with :math:`c` = :attr:`error_factor`. :meth:`error_bound` evaluates :math:`c\, r` for a
-    :class:`~implicitlayers.SolverResult`'s ``residual``; :meth:`iterations` the a-priori
-    number of iterations for a target error.
+    :class:`~implicitlayers.SolverResult`'s ``residual`` (a posteriori); :meth:`error_after`
+    the a-priori bound after :math:`k` iterations and :meth:`iterations` the a-priori number
+    of iterations for a target error.
 
     Attributes:
         splitting: ``"forward-backward"`` or ``"peaceman-rachford"``.
@@ -217,6 +218,25 @@ class MonotoneCertificate:
                 an RMS error bound).
         """
         return residual * self.error_factor
+
+    def error_after(self, iterations: int, initial_residual: float) -> float:
+        r"""The a-priori bound :math:`c\, \gamma^k r_0` on :math:`\|z_k - z^\star\|` after
+        :math:`k` = ``iterations`` iterations, for a first residual :math:`r_0`; ``inf`` when
+        the iteration is not certified.
+
+        Example:
+            >>> import torch, implicitlayers as il
+            >>> cell = il.nn.MonotoneLinear(2, 4, margin=0.5)
+            >>> cert = cell.certificate((4,), il.nn.PeacemanRachford())
+            >>> k = cert.iterations(1e-6, initial_residual=3.0)
+            >>> cert.error_after(k, 3.0) <= 1e-6 < cert.error_after(k - 1, 3.0)
+            True
+        """
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+        if not self.certified:
+            return math.inf
+        return self.error_factor * self.rate**iterations * initial_residual
 
     def iterations(self, error: float, initial_residual: float) -> int:
         r"""Iterations that guarantee :math:`\|z_k - z^\star\| \le` ``error`` a priori:
