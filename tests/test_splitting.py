@@ -284,6 +284,31 @@ def test_gradcheck_of_the_conv_cells_operator():
     assert torch.autograd.gradcheck(fn, (z, x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+def _deq_supports_torch_func() -> bool:
+    probe = il.DEQ(lambda z, x: 0.5 * z + x)
+    try:
+        torch.func.jacrev(lambda x: probe(x).z)(torch.ones(1, 1))
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _deq_supports_torch_func(), reason="DEQ is not torch.func-ready here")
+def test_torch_func_transforms_agree_with_finite_differences_and_batches():
+    cell, x = layer("conv", 14)
+    x = x[:2]
+    deq = il.MonotoneDEQ(cell, solver=il.nn.PeacemanRachford(rtol=1e-11, atol=1e-13))
+    J = torch.func.jacrev(lambda x: deq(x).z)(x)
+    e = torch.zeros_like(x)
+    e[1, 0, 2, 3] = 1e-6
+    with torch.no_grad():
+        fd = (deq(x + e).z - deq(x - e).z) / 2e-6
+        batched = torch.func.vmap(lambda xi: deq(xi[None]).z[0])(x)
+        whole = deq(x).z
+    torch.testing.assert_close(J[:, :, :, :, 1, 0, 2, 3], fd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched, whole, rtol=0, atol=1e-9)
+
+
 # -- Errors -------------------------------------------------------------------------------------
 
 
