@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+import implicitlayers as il
+
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("solvers", "freezing", "backward", "adjoint", "memory", "peers", "dense", "gpu", "sync")
 ENV_FIELDS = ("date", "host", "cpu", "torch", "implicitlayers", "device", "torch_threads")
@@ -95,7 +97,7 @@ def test_gpu_suite_is_skipped_with_a_reason_on_cpu(quick_run: Path) -> None:
 def test_expected_measurement_fields(quick_run: Path) -> None:
     suites = json.loads((quick_run / "results.json").read_text())["suites"]
     solves = [r for r in suites["solvers"]["records"] if r["kind"] == "solve"]
-    assert {r["solver"] for r in solves} == {"picard", "anderson", "broyden"}
+    assert {r["solver"] for r in solves} == set(il.solvers.SOLVERS)  # every library solver
     for r in solves:
         for field in ("rtol", "n_f_evals", "time_s", "overhead_inline", "overhead_isolated"):
             assert field in r, field

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from registry import RULE_PARAMS
 from torch import nn
 from zoo import Affine
 
@@ -21,14 +22,9 @@ import implicitlayers as il
 
 F64 = torch.float64
 TIGHT = il.Anderson(max_iter=300, rtol=1e-13, atol=1e-14)
-RULES = [
-    il.JFB(),
-    il.Neumann(terms=4),
-    il.ImplicitDifferentiation(solver=il.GMRES(rtol=1e-13, atol=1e-15)),
-    il.PhantomGradient(steps=3, mixing=0.7),
-    il.NeumannPhantom(terms=3, mixing=0.7),
-]
-IDS = [type(rule).__name__ for rule in RULES]
+EXACT = il.ImplicitDifferentiation(solver=il.GMRES(rtol=1e-13, atol=1e-15))
+#: Every rule of the registry.
+RULES = [pytest.param(p.values[0].rule, id=p.id) for p in RULE_PARAMS]
 PROBLEM = Affine.make(n=5, d=3, contraction=0.6, seed=7)
 
 
@@ -77,7 +73,7 @@ class Frozen(nn.Module):
         return self.fn(z, *inputs)
 
 
-@pytest.mark.parametrize("rule", RULES, ids=IDS)
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("nesting", list(NESTINGS))
 def test_a_tensor_inside_a_nested_input_gets_its_gradient(rule, nesting):
     gen = torch.Generator().manual_seed(1)
@@ -100,7 +96,7 @@ def test_implicit_differentiation_of_a_nested_input_is_the_closed_form():
     k = torch.randn(2, 5, generator=gen, dtype=F64, requires_grad=True)
     c = torch.randn(2, 5, generator=gen, dtype=F64)
     deq = il.DEQ(
-        Frozen(lambda z, i: frozen_affine(z, i["y"], i["k"])), solver=TIGHT, backward=RULES[2]
+        Frozen(lambda z, i: frozen_affine(z, i["y"], i["k"])), solver=TIGHT, backward=EXACT
     )
     z, _ = deq({"y": y, "k": k}, z0=torch.zeros(2, 5, dtype=F64))
     (c * z).sum().backward()
@@ -132,7 +128,7 @@ class Holder(nn.Module):
         return self.lin(z) + y @ PROBLEM.U.T + self.shift()
 
 
-@pytest.mark.parametrize("rule", RULES, ids=IDS)
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("how", ["buffer", "attribute", "submodule"])
 def test_a_tensor_held_by_a_frozen_module_gets_its_gradient(rule, how):
     gen = torch.Generator().manual_seed(3)
@@ -155,7 +151,7 @@ def _global_shift(z, y):
     return frozen_affine(z, y, GLOBAL["k"])
 
 
-@pytest.mark.parametrize("rule", RULES, ids=IDS)
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("how", ["closure", "global"])
 def test_a_tensor_a_plain_f_closes_over_or_reads_globally_gets_its_gradient(rule, how):
     gen = torch.Generator().manual_seed(4)

@@ -1,33 +1,40 @@
-"""Property tests (hypothesis) and a check that every hyperparameter changes behaviour."""
+"""Property tests (hypothesis) and a check that every hyperparameter changes behaviour.
+
+Every solver of the registry (``tests/registry.py``) is drawn, and each of its own options
+must change what it does: an option a new solver adds without a value in its registry row
+that changes the outcome fails here.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zoo import Affine
+from registry import SOLVER_ROWS
+from zoo import Affine, tanh_map
 
 import implicitlayers as il
 
-SOLVER_CLASSES = st.sampled_from([il.Picard, il.Anderson, il.Broyden])
+SOLVERS = st.sampled_from(SOLVER_ROWS)
 FAST = settings(max_examples=25, deadline=None)
 
 
 @FAST
 @given(
-    cls=SOLVER_CLASSES,
+    row=SOLVERS,
     n=st.integers(1, 12),
     batch=st.integers(1, 5),
     contraction=st.floats(0.05, 0.9),
     seed=st.integers(0, 10_000),
 )
-def test_batch_solves_like_each_sample_alone(cls, n, batch, contraction, seed):
+def test_batch_solves_like_each_sample_alone(row, n, batch, contraction, seed):
     problem = Affine.make(n=n, d=2, contraction=contraction, seed=seed, symmetric=seed % 2 == 0)
     x = torch.randn(batch, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    solver = cls(max_iter=300, atol=0.0, rtol=1e-10)
+    solver = row.make(max_iter=300, atol=0.0, rtol=1e-10)
     together = il.fixed_point(problem, torch.zeros(batch, n, dtype=torch.float64), x, solver=solver)
     for i in range(batch):
         alone = il.fixed_point(
@@ -39,21 +46,21 @@ def test_batch_solves_like_each_sample_alone(cls, n, batch, contraction, seed):
 
 @FAST
 @given(
-    cls=SOLVER_CLASSES,
+    row=SOLVERS,
     n=st.integers(1, 16),
     contraction=st.floats(0.05, 0.95),
     atol=st.sampled_from([0.0, 1e-8, 1e-4]),
     rtol=st.sampled_from([1e-2, 1e-5, 1e-9]),
     seed=st.integers(0, 10_000),
 )
-def test_success_implies_residual_within_tolerance(cls, n, contraction, atol, rtol, seed):
+def test_success_implies_residual_within_tolerance(row, n, contraction, atol, rtol, seed):
     problem = Affine.make(n=n, d=2, contraction=contraction, seed=seed, symmetric=True)
     x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     result = il.fixed_point(
         problem,
         torch.zeros(3, n, dtype=torch.float64),
         x,
-        solver=cls(max_iter=500, atol=atol, rtol=rtol),
+        solver=row.make(max_iter=500, atol=atol, rtol=rtol),
     )
     fz = problem(result.z, x)
     residual = torch.linalg.vector_norm(fz - result.z, dim=1)
@@ -67,15 +74,15 @@ def test_success_implies_residual_within_tolerance(cls, n, contraction, atol, rt
 
 @FAST
 @given(
-    cls=SOLVER_CLASSES,
+    row=SOLVERS,
     dtype=st.sampled_from([torch.float32, torch.float64]),
     shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
     batch=st.integers(0, 3),
 )
-def test_any_state_shape_and_dtype_round_trips(cls, dtype, shape, batch):
+def test_any_state_shape_and_dtype_round_trips(row, dtype, shape, batch):
     target = torch.randn(batch, *shape).to(dtype)
     result = il.fixed_point(
-        lambda z: 0.5 * (z + target), torch.zeros_like(target), solver=cls(rtol=1e-5)
+        lambda z: 0.5 * (z + target), torch.zeros_like(target), solver=row.make(rtol=1e-5)
     )
     assert result.z.shape == target.shape and result.z.dtype == dtype
     assert result.status.shape == (batch,)
@@ -106,40 +113,57 @@ def test_non_finite_inputs_never_become_silent_nan(bad, batch):
 PROBLEM = Affine.make(n=10, d=2, contraction=0.95, symmetric=True, seed=3)
 X = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 Z0 = torch.zeros(3, 10, dtype=torch.float64)
+EXPANDING, _ = tanh_map(n=10, seed=0, scale=3.0)  # not a contraction: residuals can rise
+#: The maps a registry Change names: f(z, x) from Z0 with input X.
+MAPS = {
+    "affine": lambda z, x: PROBLEM(z, x) * (z.abs().max() < 1e6),
+    "expanding tanh": lambda z, x: EXPANDING(z),
+}
 
 
-def outcome(solver):
+def outcome(solver, on="affine"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            r = il.fixed_point(
-                lambda z, x: PROBLEM(z, x) * (z.abs().max() < 1e6), Z0, X, solver=solver
-            )
+            r = il.fixed_point(MAPS[on], Z0, X, solver=solver)
         except il.ConvergenceError as err:
             return ("raised", type(err).__name__)
     trace = None if r.trace is None else r.trace.shape
     return (r.z.round(decimals=12).tolist(), r.n_steps.tolist(), r.n_f_evals, trace)
 
 
-@pytest.mark.parametrize(
-    ("cls", "base", "field", "value"),
-    [
-        (il.Picard, {}, "max_iter", 7),
-        (il.Picard, {"max_iter": 500, "rtol": 1e-8}, "atol", 1e-2),
-        (il.Picard, {"max_iter": 500}, "rtol", 1e-2),
-        (il.Picard, {}, "mixing", 0.5),
-        (il.Picard, {"max_iter": 500, "rtol": 1e-8}, "norm", "rms"),
-        (il.Picard, {"max_iter": 3}, "on_unconverged", "raise"),
-        (il.Picard, {"max_iter": 200}, "trace", True),
-        (il.Picard, {"max_iter": 500, "rtol": 1e-6}, "check_every", 8),
-        (il.Anderson, {}, "history_size", 2),
-        (il.Anderson, {}, "mixing", 0.5),
-        (il.Anderson, {"rtol": 1e-10, "atol": 0.0}, "regularization", 1e-2),
-        (il.Broyden, {"rtol": 1e-10, "atol": 0.0}, "history_size", 2),
-    ],
-)
-def test_every_hyperparameter_changes_behaviour(cls, base, field, value):
-    assert outcome(cls(**base)) != outcome(cls(**base, **{field: value}))
+#: The options every solver shares, on Picard: each with base options and a changed value.
+SHARED = [
+    ({}, "max_iter", 7),
+    ({"max_iter": 500, "rtol": 1e-8}, "atol", 1e-2),
+    ({"max_iter": 500}, "rtol", 1e-2),
+    ({"max_iter": 500, "rtol": 1e-8}, "norm", "rms"),
+    ({"max_iter": 3}, "on_unconverged", "raise"),
+    ({"max_iter": 200}, "trace", True),
+    ({"max_iter": 500, "rtol": 1e-6}, "check_every", 8),
+]
+
+
+@pytest.mark.parametrize(("base", "field", "value"), SHARED, ids=[f for _, f, _ in SHARED])
+def test_every_shared_option_changes_behaviour(base, field, value):
+    assert outcome(il.Picard(**base)) != outcome(il.Picard(**base, **{field: value}))
+
+
+OWN = [
+    pytest.param(row, name, id=f"{row.name}-{name}")
+    for row in SOLVER_ROWS
+    for name in row.own_fields
+]
+
+
+@pytest.mark.parametrize(("row", "field"), OWN)
+def test_every_own_option_of_every_solver_changes_behaviour(row, field):
+    assert field in row.own_options, (
+        f"tests/registry.py: give {row.name}'s option {field!r} a value that changes its solve"
+    )
+    change = row.own_options[field]
+    changed = row.make(**change.base, **{field: change.value})
+    assert outcome(row.make(**change.base), change.on) != outcome(changed, change.on)
 
 
 def test_divergence_ratio_and_on_nonfinite_change_behaviour():
@@ -165,20 +189,16 @@ JUNK = st.one_of(
     st.integers(-5, 0),
     st.lists(st.integers(), max_size=2),
 )
-FIELDS = {
-    il.Picard: ["max_iter", "atol", "rtol", "mixing", "norm", "check_every", "on_unconverged"],
-    il.Anderson: ["history_size", "mixing", "regularization", "divergence_ratio", "on_nonfinite"],
-    il.Broyden: ["history_size", "trace"],
-}
 
 
 @FAST
-@given(cls=SOLVER_CLASSES, data=st.data())
-def test_wrong_argument_values_raise_named_errors(cls, data):
-    field = data.draw(st.sampled_from(FIELDS[cls]))
+@given(row=SOLVERS, data=st.data())
+def test_wrong_argument_values_raise_named_errors(row, data):
+    fields = [f.name for f in dataclasses.fields(row.cls) if f.init]
+    field = data.draw(st.sampled_from(fields))
     value = data.draw(JUNK)
     try:
-        solver = cls(**{field: value})
+        solver = row.make(**{field: value})
     except (TypeError, ValueError) as err:
         assert field in str(err)
         return
