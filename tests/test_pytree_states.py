@@ -124,15 +124,25 @@ def test_a_dict_state_with_unsorted_keys_and_unequal_leaves():
     torch.testing.assert_close(r.z["a"], torch.full((1, 1), 4 / 3, dtype=F64))
 
 
-def test_a_sample_that_stops_at_its_first_evaluation_has_no_rate_and_an_exact_estimate():
-    # Sample 0 starts at its fixed point: it stops at its first evaluation, takes no step,
-    # so no secant rate (NaN), and its error estimate is 0 (the residual is 0), not NaN.
-    # Sample 1 starts off its point by a residual of 1e-9, within the tolerance: no step,
-    # no rate, so its estimate is NaN (unknown), never a made-up number.
-    x = torch.tensor([[1.0], [1.0]], dtype=F64)
-    z0 = torch.tensor([[2.0], [2.0 - 2e-9]], dtype=F64)
-    r = il.fixed_point(lambda z, x: 0.5 * z + x, z0, x, solver=il.Picard(atol=1e-8, rtol=0.0))
-    assert r.converged.all() and r.n_steps.tolist() == [1, 1]
-    assert torch.isnan(r.rate).all()
-    estimate = r.error_estimate
-    assert estimate[0].item() == 0.0 and torch.isnan(estimate[1])
+def test_states_may_be_dicts_whose_leaves_couple():
+    def f(z, x):
+        a, b = z["a"], z["b"]
+        return {"a": 0.5 * b + x, "b": 0.25 * a}
+
+    x = torch.randn(3, 2, dtype=F64)
+    z0 = {"a": torch.zeros(3, 2, dtype=F64), "b": torch.zeros(3, 2, dtype=F64)}
+    result = il.fixed_point(f, z0, x, solver=il.Anderson(atol=0, rtol=1e-12, max_iter=100))
+    # a = 0.5 b + x, b = 0.25 a  =>  a = x / (1 - 0.125)
+    torch.testing.assert_close(result.z["a"], x / 0.875)
+    torch.testing.assert_close(result.z["b"], 0.25 * x / 0.875)
+
+
+def test_a_state_of_images_and_a_non_contiguous_f_output_are_handled():
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.mul_(0.1)
+    x = torch.randn(3, 2, 5, 5, dtype=F64)
+    f = lambda z: torch.tanh(conv(z) + x).transpose(2, 3).contiguous().transpose(2, 3)  # noqa: E731
+    result = il.fixed_point(f, torch.zeros_like(x), solver=il.Anderson(rtol=1e-10, atol=0.0))
+    assert result.converged.all() and result.z.shape == x.shape
+    torch.testing.assert_close(f(result.z), result.z, atol=1e-8, rtol=0)
