@@ -20,9 +20,10 @@ from ._attach import (
     without_nonfinite,
 )
 from ._errors import ConvergenceError
-from ._fixed_point import apply_policies, check_flags, record_at, result_of, solve
 from ._flat import FlatMap, flatten_state
 from ._result import SolverResult
+from ._solve import check_flags, record_at, result_of
+from ._solve_op import Request, solve_op
 from .backward import AbstractBackward
 from .backward._names import as_backward
 from .diagnostics import SpectralRadius
@@ -261,16 +262,18 @@ class DEQ(nn.Module):
         # One forward, one map: parametrized weights computed once, dropout masks drawn once.
         frozen = one_map(self.f) if isinstance(self.f, nn.Module) else contextlib.nullcontext()
         with frozen:
-            out = self._solve(f_flat, flat0, solver_, recorded, default_z0)
+            request = Request(f_flat, solver_, self.independent_samples, self.host_reads, recorded)
+            out = self._solve(request, flat0, default_z0)
             failed = failed_rows(out.status)
             # One host read where f is applied again: are there samples to keep out of it?
+            # (Under torch.func.vmap none: the statuses are batched, and the failed rows'
+            # entries are zeroed by masks, whether there are any or not.)
             reapplied = torch.is_grad_enabled() or jacobian_penalty or spectral_radius
-            any_failed = bool(failed.any()) if reapplied else False
+            any_failed = request.vmapped or (bool(failed.any()) if reapplied else False)
             # The map the attach and the diagnostics apply f through: the caller's autocast,
             # and the failed samples' non-finite inputs zeroed.
             f_main = f_flat.with_inputs(without_nonfinite(inputs, failed) if any_failed else inputs)
             z_flat, attached = self._attach(f_main, out, solver_, failed if any_failed else None)
-            # The one unflatten (per returned state).
             # Each returned state unflattened once: the solve's (detached) and, attached, the
             # output (in f's dtype under autocast).
             result = result_of(out, f_flat)
@@ -280,7 +283,6 @@ class DEQ(nn.Module):
                 z = f_flat.unflatten(z_flat, cast=False)
                 states_out = tuple(f_flat.unflatten(s, cast=False) for s in attached)
             aux = self._aux(f_flat, f_main, out, z_flat, attached is not None)
-            apply_policies(result, solver_, f_flat.dtype)
             penalty = radius = None
             if jacobian_penalty or spectral_radius:
                 point = clean_rows(out.z, failed) if any_failed else out.z
@@ -296,26 +298,14 @@ class DEQ(nn.Module):
             z, result, aux=aux, jacobian_penalty=penalty, spectral_radius=radius, states=states_out
         )
 
-    def _solve(
-        self,
-        f_flat: FlatMap,
-        flat0: Tensor,
-        solver_: AbstractSolver,
-        recorded: tuple[int, ...],
-        default_z0: bool,
-    ) -> LoopOutput:
-        """The forward solve, with a hint on a shape error inside ``f`` from the default z0."""
+    def _solve(self, request: Request, flat0: Tensor, default_z0: bool) -> LoopOutput:
+        """The forward solve (policies applied), with a hint on a shape error inside ``f``
+        from the default z0."""
         try:
-            return solve(
-                f_flat,
-                flat0,
-                solver_,
-                independent_samples=self.independent_samples,
-                host_reads=self.host_reads,
-                record_at=recorded,
-            )
+            return solve_op(request, flat0)
         except RuntimeError as err:
             if default_z0 and _looks_like_shape_error(err):
+                f_flat = request.f_flat
                 shape = (f_flat.batch, *f_flat.spec.shape)
                 _add_note(
                     err,

@@ -65,6 +65,7 @@ class FlatMap:
         # Of a single-tensor state: its per-sample shape, and whether it is flat already.
         self._shape = spec.shape if spec.kind == "tensor" else None
         self._is_flat = self._shape is not None and len(self._shape) == 1
+        self._numel = spec.numel  # explicit: an empty batch cannot infer it
 
     def with_inputs(self, inputs: tuple[Any, ...]) -> FlatMap:
         """The same map on other ``inputs``, with ``f`` under whatever autocast the caller has
@@ -103,7 +104,7 @@ class FlatMap:
         else:
             if not isinstance(out, Tensor) or out.shape[1:] != shape:
                 check_structure(out, self.spec)  # raises, naming both structures
-            flat = out if out.dim() == 2 else out.reshape(out.shape[0], -1)
+            flat = out if out.dim() == 2 else out.reshape(out.shape[0], self._numel)
         if flat.shape[0] != z.shape[0]:
             _batch_error(flat.shape[0], z.shape[0])
         if flat.dtype != self.dtype and flat.is_complex() and not z.is_complex():

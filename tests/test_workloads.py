@@ -63,30 +63,6 @@ def test_autograd_jacobian_of_a_deq_is_the_implicit_jacobian():
     torch.testing.assert_close(jac[0, :, 1], torch.zeros(4, 3, dtype=torch.float64))
 
 
-#: What torch raises when a vmapped tensor's value is read on the host, as the driver loop
-#: reads its stopping test: ``.tolist()`` (the CPU path, every ``check_every``-th iteration)
-#: has no storage to read, ``bool()`` (the masked path) is data-dependent control flow.
-VMAP_HOST_READ = (
-    r"^Cannot access data pointer of Tensor that doesn't have storage$"
-    r"|^vmap: It looks like you're attempting to use a Tensor in some data-dependent control flow"
-)
-
-
-def test_torch_func_transforms_are_documented_as_unsupported():
-    # The solver's per-sample stopping is data-dependent control flow (vmap cannot batch it) and
-    # the backward rules use autograd hooks (torch.func.grad/jacrev refuse them). Use
-    # torch.autograd.functional or plain autograd instead; see the guide.
-    cell = TanhCell()
-    deq = il.DEQ(cell)
-    x = torch.randn(2, 3, dtype=torch.float64)
-    z0 = torch.zeros(1, 5, dtype=torch.float64)
-    # f itself batches under vmap, so the error below can only come from the solve.
-    batched = torch.func.vmap(lambda xi: cell(z0, xi[None])[0])(x)
-    torch.testing.assert_close(batched, cell(z0.expand(2, 5), x))
-    with pytest.raises(RuntimeError, match=VMAP_HOST_READ):
-        torch.func.vmap(lambda xi: deq(xi[None], z0=z0).z[0])(x)
-
-
 def test_state_dict_round_trip_and_weights_only_load():
     deq = il.DEQ(TanhCell(), solver=il.Broyden(history_size=4), backward=il.Neumann(terms=3))
     buffer = io.BytesIO()

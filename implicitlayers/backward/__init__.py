@@ -1,9 +1,10 @@
 """Backward rules: how a fixed point is differentiated.
 
-Subclass :class:`AbstractBackward` and implement ``adjoint`` to plug in your own.
+Subclass :class:`AbstractBackward` and implement ``adjoint`` (and ``tangent``, for forward
+mode) to plug in your own.
 """
 
-from ._base import VJP, AbstractBackward
+from ._base import JVP, VJP, AbstractBackward
 from ._implicit import ImplicitDifferentiation
 from ._jfb import JFB
 from ._names import BACKWARDS
@@ -13,6 +14,7 @@ from ._phantom import NeumannPhantom, PhantomGradient
 __all__ = [
     "BACKWARDS",
     "JFB",
+    "JVP",
     "VJP",
     "AbstractBackward",
     "ImplicitDifferentiation",

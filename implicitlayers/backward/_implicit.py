@@ -21,6 +21,7 @@ from ..linear import GMRES, AbstractLinearSolver
 from ..solvers import AbstractSolver
 from ..solvers._names import SOLVERS
 from ._base import VJP, AbstractBackward
+from ._functions import functorch_active, host_readable
 
 __all__ = ["ImplicitDifferentiation"]
 
@@ -122,22 +123,75 @@ class ImplicitDifferentiation(AbstractBackward):
     def exact(self) -> bool:
         return True
 
+    def tangent(self, jvp: VJP, fz_tangent: Tensor) -> tuple[Tensor, SolverResult | None]:
+        r"""Forward mode: :math:`\dot z` solves :math:`(I - J)\, \dot z = \dot f` (or
+        :math:`\dot z = J \dot z + \dot f` with a fixed-point solver), with Jacobian-vector
+        products, by the same solver as the adjoint (GMRES needs no transpose)."""
+        return self._solve(jvp, fz_tangent)
+
     def adjoint(self, vjp: VJP, grad: Tensor) -> tuple[Tensor, SolverResult | None]:
+        return self._solve(vjp, grad)
+
+    def _solve(self, product: VJP, grad: Tensor) -> tuple[Tensor, SolverResult | None]:
+        """Solve :math:`v = A v + g` for the Jacobian product :math:`A` (``product``: the
+        transposed Jacobian for the adjoint, the Jacobian for the tangent).
+
+        Under a ``torch.func`` transform the solve reads nothing on the host (its tensors may
+        be batched): the whole budget runs, with stopped samples masked.
+        """
         solver = self.solver
+        sync_free = not host_readable(grad)
+        functorch = functorch_active()
+        if sync_free and not functorch:
+            raise RuntimeError(
+                f"{self!r} cannot solve under autograd's own batched gradients "
+                "(torch.autograd.grad(..., is_grads_batched=True), "
+                "torch.autograd.functional.jacobian(..., vectorize=True)): that vmap lacks "
+                "batching rules its solve needs. torch.func.jacrev, or torch.func.vmap over "
+                "torch.func.vjp, give the same batched gradients exactly; or pass "
+                "vectorize=False."
+            )
+        try:
+            return self._solve_with(solver, product, grad, sync_free)
+        except RuntimeError as err:
+            if not functorch:
+                raise
+            raise RuntimeError(
+                f"{self!r}: its solve failed under a torch.func transform (the error above). "
+                "A second-order derivative under torch.func (torch.func.hessian, "
+                "jacfwd(jacrev(...)), jacrev(jacrev(...)), a jvp or vjp of a gradient) is not "
+                "supported through ImplicitDifferentiation: exact second derivatives are "
+                "computed by plain autograd, torch.autograd.grad(..., create_graph=True) or "
+                "torch.autograd.functional.hessian. First derivatives work under every "
+                "torch.func transform."
+            ) from err
+
+    def _solve_with(
+        self,
+        solver: AbstractSolver | AbstractLinearSolver,
+        product: VJP,
+        grad: Tensor,
+        sync_free: bool,
+    ) -> tuple[Tensor, SolverResult | None]:
+        """:meth:`_solve` with ``solver``, with or without host reads."""
         if isinstance(solver, AbstractLinearSolver):
             # Half-precision gradients (autocast, bfloat16 states) are solved in float32, as
             # the forward's bookkeeping is; the products go back in the gradient's dtype.
             work = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
 
             def matvec(u: Tensor) -> Tensor:
-                return u - vjp(u.to(grad.dtype)).to(work)
+                return u - product(u.to(grad.dtype)).to(work)
 
             with torch.no_grad():
-                result = solver.solve(matvec, grad.to(work))
+                result = solver.solve(matvec, grad.to(work), host_reads=not sync_free)
             result = dataclasses.replace(result, z=result.z.to(grad.dtype))
         else:
             quiet = dataclasses.replace(solver, on_unconverged="ignore", on_nonfinite="ignore")
-            result = fixed_point(lambda u: vjp(u) + grad, grad, solver=quiet)
+            if sync_free:  # one chunk of the whole budget: no host read at all
+                quiet = dataclasses.replace(quiet, check_every=quiet.max_iter)
+            result = fixed_point(
+                lambda u: product(u) + grad, grad, solver=quiet, host_reads=not sync_free
+            )
         u: Tensor = result.z
         if self.fallback_to_jfb:
             status = result.status
@@ -147,7 +201,8 @@ class ImplicitDifferentiation(AbstractBackward):
                 | (status == int(Status.BREAKDOWN))
             )
             u = torch.where(failed[:, None], grad, u)
-        self._report(result)
+        if not sync_free:  # (the statuses of a batched solve cannot be read)
+            self._report(result)
         return u, result
 
     def _report(self, result: SolverResult) -> None:

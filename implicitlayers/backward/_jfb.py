@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .._result import SolverResult
-from ._base import VJP, AbstractBackward
+from ._base import JVP, VJP, AbstractBackward
 
 __all__ = ["JFB"]
 
@@ -24,7 +24,9 @@ class JFB(AbstractBackward):
         u = g, \qquad \frac{\partial L}{\partial \theta} \approx
             g^\top \frac{\partial f(z^\star, x; \theta)}{\partial \theta}.
 
-    It costs one VJP through ``f`` and no solve. When ``f`` is a contraction in ``z`` the
+    It costs one VJP through ``f`` and no solve. In forward mode its tangent is
+    :math:`\dot z = \dot f`, the tangent of :math:`f(z^\star, x; \theta)` with :math:`z^\star`
+    held. When ``f`` is a contraction in ``z`` the
     result is a descent direction for the loss (Fung et al., Theorem 3.1), which is why DE-GRAD
     trains well with it.
 
@@ -41,3 +43,7 @@ class JFB(AbstractBackward):
 
     def adjoint(self, vjp: VJP, grad: Tensor) -> tuple[Tensor, SolverResult | None]:
         return grad, None
+
+    def tangent(self, jvp: JVP, fz_tangent: Tensor) -> tuple[Tensor, SolverResult | None]:
+        r""":math:`\dot z = \dot f`: the fixed point moves as one application of ``f`` does."""
+        return fz_tangent, None

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .._result import SolverResult
 from .._validate import check_int
-from ._base import VJP, AbstractBackward
+from ._base import JVP, VJP, AbstractBackward
 
 __all__ = ["Neumann"]
 
@@ -40,9 +40,17 @@ class Neumann(AbstractBackward):
         check_int("terms", self.terms, minimum=0)
 
     def adjoint(self, vjp: VJP, grad: Tensor) -> tuple[Tensor, SolverResult | None]:
-        u = grad
-        v = grad
-        for _ in range(self.terms):
-            v = vjp(v)
-            u = u + v
-        return u, None
+        return _series(vjp, grad, self.terms), None
+
+    def tangent(self, jvp: JVP, fz_tangent: Tensor) -> tuple[Tensor, SolverResult | None]:
+        r"""The same series on the tangent: :math:`\dot z = \sum_{i=0}^{k} J^i \dot f`."""
+        return _series(jvp, fz_tangent, self.terms), None
+
+
+def _series(product: VJP, v: Tensor, terms: int) -> Tensor:
+    r""":math:`\sum_{i=0}^{k} A^i v` for the product ``product`` (:math:`A`), ``k`` products."""
+    total = v
+    for _ in range(terms):
+        v = product(v)
+        total = total + v
+    return total

@@ -3,16 +3,16 @@ Neumann series."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .._flat import FlatMap
 from .._result import SolverResult
 from .._validate import check_float, check_int
-from ._base import VJP, AbstractBackward, OnResult, _ValueOfFirst
+from ._base import JVP, VJP, AbstractBackward
+from ._functions import OnResult, ValueOfFirst
 
 __all__ = ["NeumannPhantom", "PhantomGradient"]
 
@@ -102,9 +102,16 @@ class PhantomGradient(AbstractBackward):
         """
         return _damped_neumann(vjp, grad, self.steps - 1, self.mixing), None
 
+    def tangent(self, jvp: JVP, fz_tangent: Tensor) -> tuple[Tensor, SolverResult | None]:
+        r"""The forward-mode counterpart at an exact fixed point, as :meth:`adjoint`'s:
+        :math:`\lambda \sum_{i=0}^{k-1} ((1 - \lambda) I + \lambda J)^i \dot f`.
+        (:meth:`attach` unrolls ``f``, so forward mode flows through the unrolled steps
+        themselves.)"""
+        return _damped_neumann(jvp, fz_tangent, self.steps - 1, self.mixing), None
+
     def attach(
         self,
-        f_flat: FlatMap,
+        f_flat: Callable[[Tensor], Tensor],
         z_star: Tensor,
         on_result: OnResult | None = None,
         *,
@@ -119,7 +126,7 @@ class PhantomGradient(AbstractBackward):
             for _ in range(self.steps):
                 fz = f_flat(z)
                 z = fz if self.mixing == 1.0 else (1.0 - self.mixing) * z + self.mixing * fz
-        out: Tensor = _ValueOfFirst.apply(z_star.detach(), z)  # type: ignore[no-untyped-call]
+        out: Tensor = ValueOfFirst.apply(z_star.detach(), z)  # type: ignore[no-untyped-call]
         return out
 
 
@@ -179,3 +186,8 @@ class NeumannPhantom(AbstractBackward):
 
     def adjoint(self, vjp: VJP, grad: Tensor) -> tuple[Tensor, SolverResult | None]:
         return _damped_neumann(vjp, grad, self.terms, self.mixing), None
+
+    def tangent(self, jvp: JVP, fz_tangent: Tensor) -> tuple[Tensor, SolverResult | None]:
+        r"""The same series on the tangent: :math:`\lambda \sum_{i=0}^{k} B^i \dot f` with
+        :math:`B = (1 - \lambda) I + \lambda J`."""
+        return _damped_neumann(jvp, fz_tangent, self.terms, self.mixing), None

@@ -28,14 +28,26 @@ class DEGRADCell(nn.Module):
 
     .. math::
 
-        T(x; d) = \Pi\Big(x - \eta \big(A^\top (A x - d) + R_\theta(x)\big)\Big),
+        T(x; d, x_0) = \Pi\Big(x - \eta \big(A^\top (A x - d) + R_\theta(x)
+            + \lambda (x - x_0)\big)\Big),
 
     with :math:`A` = ``operator``, :math:`\eta` = :attr:`step_size` (learnable, kept positive),
-    :math:`\Pi` the clamp to the data range (identity when ``clamp=None``), and
+    :math:`\Pi` the clamp to the data range (identity when ``clamp=None``),
     :math:`R_\theta` = ``regularizer``, or :math:`R_\theta(x) = x - D_\theta(x)` for a denoiser
-    :math:`D_\theta` when ``residual_regularizer=True``. Wrapped in
-    :class:`~implicitlayers.DEQ`, its fixed point is the reconstruction; Gilton et al. train it
-    with Jacobian-free backpropagation (:class:`~implicitlayers.JFB`).
+    :math:`D_\theta` when ``residual_regularizer=True``, and an optional anchor term of weight
+    :math:`\lambda` = ``anchor_weight`` (0 by default) towards :math:`x_0` = ``anchor``, a
+    starting reconstruction such as :meth:`initial_point` (zeros when not given: Tikhonov).
+    Wrapped in :class:`~implicitlayers.DEQ`, its fixed point is the reconstruction; Gilton et
+    al. train it with Jacobian-free backpropagation (:class:`~implicitlayers.JFB`).
+
+    **Why an anchor.** :math:`J_T = \Pi' (I - \eta (A^\top A + J_R + \lambda I))`. Where the
+    blur sees nothing (:math:`A^\top A \approx 0`, fine detail) and a learned regulariser is
+    flat (:math:`J_R \approx 0`), :math:`J_T` has eigenvalues at 1: the fixed point is barely
+    determined there, a solver creeps along those directions, and the answer depends on where
+    it stops. The anchor shifts every eigenvalue of the unclamped Jacobian by
+    :math:`-\eta\lambda`, and in those directions the fixed point stays near :math:`x_0`, where
+    the solve starts. (Measured on a DE-GRAD cell trained on CelebA 64 x 64: spectral radius
+    1.000 at its fixed points, 0.896 with :math:`\lambda = 0.1`; see the deblurring tutorial.)
 
     The step is parametrised as :math:`\eta = \operatorname{softplus}(\rho)` (any positive
     value), or :math:`\eta = \eta_{\max}\, \operatorname{sigmoid}(\rho)` (times
@@ -46,18 +58,21 @@ class DEGRADCell(nn.Module):
 
     .. math::
 
-        T(x) = \Pi\big((I - \eta (A^\top A + I))\, x + \eta D(x) + \eta A^\top d\big).
+        T(x) = \Pi\big((I - \eta (A^\top A + (1 + \lambda) I))\, x + \eta D(x)
+            + \eta (A^\top d + \lambda x_0)\big).
 
     If :math:`\|A\| \le 1` (a nonnegative blur kernel summing to 1), the spectrum of
     :math:`A^\top A` lies in :math:`[0, 1]`, so the symmetric
-    :math:`I - \eta (A^\top A + I)` has spectrum in :math:`[1 - 2\eta, 1 - \eta]` and norm
-    :math:`\max(|1 - 2\eta|, 1 - \eta) = 1 - \eta` for :math:`0 < \eta \le 2/3`. The clamp is
-    a projection onto a box, hence 1-Lipschitz, so
+    :math:`I - \eta (A^\top A + (1 + \lambda) I)` has spectrum in
+    :math:`[1 - \eta (2 + \lambda), 1 - \eta (1 + \lambda)]`, and norm
+    :math:`c = \max(|1 - \eta (2 + \lambda)|, |1 - \eta (1 + \lambda)|)`, which is
+    :math:`1 - \eta` for :math:`\lambda = 0` and :math:`0 < \eta \le 2/3`. The clamp is a
+    projection onto a box, hence 1-Lipschitz, so
 
     .. math::
 
-        \operatorname{Lip}(T) \le 1 - \eta + \eta \operatorname{Lip}(D)
-            = 1 - \eta \big(1 - \operatorname{Lip}(D)\big) < 1
+        \operatorname{Lip}(T) \le c + \eta \operatorname{Lip}(D)
+            \overset{\lambda = 0}{=} 1 - \eta \big(1 - \operatorname{Lip}(D)\big) < 1
 
     whenever :math:`\operatorname{Lip}(D) < 1` (:class:`ContractiveDnCNN`). By Banach's
     theorem :math:`T(\cdot\,; d)` then has a unique fixed point for every :math:`d`, which
@@ -79,6 +94,7 @@ class DEGRADCell(nn.Module):
             ``None`` for none.
         learn_step_size: Train :math:`\eta` with the network (a parameter), or keep it fixed
             at ``step_size`` (a buffer, not in ``parameters()``).
+        anchor_weight: :math:`\lambda \ge 0`, the weight of the anchor term (a constant).
 
     Example:
         >>> import torch, implicitlayers as il
@@ -103,9 +119,11 @@ class DEGRADCell(nn.Module):
         residual_regularizer: bool = False,
         max_step_size: float | None = None,
         learn_step_size: bool = True,
+        anchor_weight: float = 0.0,
     ) -> None:
         super().__init__()
         check_operator("operator", operator)
+        check_float("anchor_weight", anchor_weight, low=0.0)
         if not callable(regularizer):
             raise TypeError(f"regularizer must be an nn.Module or callable, got {regularizer!r}")
         if not isinstance(residual_regularizer, bool):
@@ -128,6 +146,7 @@ class DEGRADCell(nn.Module):
         self.regularizer = regularizer
         self.residual_regularizer = residual_regularizer
         self.max_step_size = None if max_step_size is None else float(max_step_size)
+        self.anchor_weight = float(anchor_weight)
         self.raw_step_size: Tensor
         if learn_step_size:
             self.raw_step_size = nn.Parameter(torch.tensor(float(raw)))
@@ -143,12 +162,14 @@ class DEGRADCell(nn.Module):
         step_size: float = 0.1,
         clamp: tuple[float, float] | None = (-1.0, 1.0),
         learn_step_size: bool = True,
+        anchor_weight: float = 0.0,
     ) -> DEGRADCell:
         r"""The provably contractive cell: :math:`R(x) = x - D(x)`,
         :math:`\operatorname{Lip}(D) < 1`, and :math:`\eta \in (0, 2/3)`.
 
         See the class docstring for the argument; :meth:`lipschitz_bound` evaluates
-        :math:`1 - \eta(1 - \operatorname{Lip}(D))`.
+        :math:`c + \eta \operatorname{Lip}(D)`, :math:`1 - \eta(1 - \operatorname{Lip}(D))`
+        without an anchor.
 
         Args:
             operator: A :class:`LinearOperator` whose
@@ -158,6 +179,7 @@ class DEGRADCell(nn.Module):
             step_size: Initial :math:`\eta \in (0, 2/3)`.
             clamp: As in the constructor.
             learn_step_size: As in the constructor.
+            anchor_weight: As in the constructor.
 
         Example:
             >>> import torch
@@ -181,6 +203,7 @@ class DEGRADCell(nn.Module):
             residual_regularizer=True,
             max_step_size=CONTRACTIVE_MAX_STEP,
             learn_step_size=learn_step_size,
+            anchor_weight=anchor_weight,
         )
 
     @property
@@ -196,12 +219,15 @@ class DEGRADCell(nn.Module):
             f"residual_regularizer={self.residual_regularizer}"
         )
 
-    def forward(self, x: Tensor, d: Tensor) -> Tensor:
-        r""":math:`T(x; d)` for iterate ``x`` and measurements ``d``, both ``(B, C, H, W)``."""
+    def forward(self, x: Tensor, d: Tensor, anchor: Tensor | None = None) -> Tensor:
+        r""":math:`T(x; d)` for iterate ``x`` and measurements ``d``, both ``(B, C, H, W)``;
+        ``anchor``: :math:`x_0` of the anchor term (zeros when ``None``), shaped like ``x``."""
         data_grad = self.operator.adjoint(self.operator(x) - d)
         reg: Tensor = self.regularizer(x)
         if self.residual_regularizer:
             reg = x - reg
+        if self.anchor_weight:
+            reg = reg + self.anchor_weight * (x if anchor is None else x - anchor)
         out = x - self.step_size * (data_grad + reg)
         if self.clamp is not None:
             out = out.clamp(self.clamp[0], self.clamp[1])
@@ -239,7 +265,8 @@ class DEGRADCell(nn.Module):
             return tikhonov_cg(self.operator, d, lam=tikhonov, steps=cg_steps)
 
     def lipschitz_bound(self) -> float:
-        r"""The guaranteed :math:`1 - \eta (1 - \operatorname{Lip}(D))` of a contractive cell.
+        r"""The guaranteed :math:`c + \eta \operatorname{Lip}(D)` of a contractive cell (the
+        class docstring's bound; :math:`1 - \eta (1 - \operatorname{Lip}(D))` without anchor).
 
         Raises:
             ValueError: When the cell is not configured as by :meth:`contractive`.
@@ -255,8 +282,9 @@ class DEGRADCell(nn.Module):
                 "DEGRADCell.contractive(operator, ContractiveDnCNN(...))"
             )
         _operator_norm_bound(self.operator)
-        eta = float(self.step_size.detach())
-        return 1.0 - eta * (1.0 - self.regularizer.lipschitz_bound())
+        eta, lam = float(self.step_size.detach()), self.anchor_weight
+        linear = max(abs(1.0 - eta * (2.0 + lam)), abs(1.0 - eta * (1.0 + lam)))
+        return linear + eta * self.regularizer.lipschitz_bound()
 
 
 def _operator_norm_bound(operator: LinearOperator) -> float:

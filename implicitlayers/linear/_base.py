@@ -55,13 +55,20 @@ class AbstractLinearSolver(abc.ABC):
         return compact_repr(self)
 
     @abc.abstractmethod
-    def solve(self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None) -> SolverResult:
+    def solve(
+        self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None, *, host_reads: bool = True
+    ) -> SolverResult:
         r"""Solve :math:`A_b x_b = r_b` for every sample.
 
         Args:
             matvec: Applies the operators to a ``(B, n)`` batch, row by row.
             rhs: ``(B, n)`` right-hand sides :math:`r_b`.
             x0: ``(B, n)`` initial guesses; zeros when ``None``.
+            host_reads: ``True`` (default): stop as soon as every sample has stopped, which
+                reads per-sample flags on the host. ``False``: read nothing on the host (for
+                ``torch.func`` transforms, whose batched tensors cannot be read, and for CUDA
+                graphs): every sample gets exactly ``max_iter`` matrix-vector products, those
+                that stopped masked, with the same results.
 
         Returns:
             A :class:`~implicitlayers.SolverResult` with the ``(B, n)`` solution ``z``, per-sample

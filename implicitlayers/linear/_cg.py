@@ -60,13 +60,18 @@ class CG(AbstractLinearSolver):
         1952.
     """
 
-    def solve(self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None) -> SolverResult:
+    def solve(
+        self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None, *, host_reads: bool = True
+    ) -> SolverResult:
         r"""Solve :math:`A_b x_b = r_b` for every sample by conjugate gradients.
 
         Args:
             matvec: Applies the operators to a ``(B, *S)`` batch, sample by sample.
             rhs: ``(B, *S)`` floating-point right-hand sides :math:`r_b`.
             x0: ``(B, *S)`` initial guesses, same dtype and device; zeros when ``None``.
+            host_reads: ``False``: no host read, exactly ``max_iter`` products (see
+                :meth:`AbstractLinearSolver.solve
+                <implicitlayers.linear.AbstractLinearSolver.solve>`).
 
         Returns:
             A :class:`~implicitlayers.SolverResult` (see
@@ -91,7 +96,7 @@ class CG(AbstractLinearSolver):
         status = torch.full((batch,), _MAX_ITER, dtype=torch.long, device=rhs.device)
         active = rs.sqrt() > bound
         for _ in range(self.max_iter - n_f_evals - 1):
-            if not bool(active.any()):
+            if host_reads and not bool(active.any()):
                 break
             Ap = _apply(matvec, p)
             n_f_evals += 1

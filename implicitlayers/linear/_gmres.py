@@ -112,20 +112,25 @@ class GMRES(AbstractLinearSolver):
         super().__post_init__()
         check_int("restart", self.restart, minimum=1)
 
-    def solve(self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None) -> SolverResult:
+    def solve(
+        self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None, *, host_reads: bool = True
+    ) -> SolverResult:
         r"""Solve :math:`A_b x_b = r_b` for every sample by restarted GMRES.
 
         Args:
             matvec: Applies the operators to a ``(B, n)`` batch, row by row.
             rhs: ``(B, n)`` floating-point right-hand sides :math:`r_b`.
             x0: ``(B, n)`` initial guesses, same dtype and device; zeros when ``None``.
+            host_reads: ``False``: no host read, exactly ``max_iter`` matvecs (see
+                :meth:`AbstractLinearSolver.solve
+                <implicitlayers.linear.AbstractLinearSolver.solve>`).
 
         Returns:
             A :class:`~implicitlayers.SolverResult` (see
             :meth:`AbstractLinearSolver.solve <implicitlayers.linear.AbstractLinearSolver.solve>`).
         """
         _check_inputs(rhs, x0)
-        run = _Run(self, rhs, x0)
+        run = _Run(self, rhs, x0, host_reads)
         n_f_evals = 0
         running = run.any_active()
         # Every active row gets one matvec per iteration and stops by max_iter of them.
@@ -188,8 +193,10 @@ class _Run:
     row expands, ``x`` is the iterate whose true residual the last check measured.
     """
 
-    def __init__(self, solver: GMRES, rhs: Tensor, x0: Tensor | None) -> None:
+    def __init__(self, solver: GMRES, rhs: Tensor, x0: Tensor | None, host_reads: bool) -> None:
         batch, n = rhs.shape
+        # Without host reads every step runs every part (masked), and the loop never stops.
+        self.host_reads = host_reads
         m = max(1, min(solver.restart, n))
         device = rhs.device
         self.m, self.max_iter, self.rhs = m, solver.max_iter, rhs
@@ -229,6 +236,8 @@ class _Run:
 
     def any_active(self) -> bool:
         """Whether any row still runs; also notes on the host whether any row expands."""
+        if not self.host_reads:
+            return True
         flags = torch.stack((self.expanding.any(), self.checking.any())).tolist()
         self.any_expanding = bool(flags[0])
         return bool(flags[0] or flags[1])
@@ -251,12 +260,15 @@ class _Run:
         restarting = self._checked(checking, self.rhs - product)
         self.expanding = (expanding & ~close & ~blew_up) | restarting
         self.checking = close
+        self.k_bound = min(self.k_bound + 1, self.m - 1)
+        if not self.host_reads:
+            self._form_iterate(close)
+            return True
         # The one host read per iteration.
         any_close, any_expanding = torch.stack((close.any(), self.expanding.any())).tolist()
         if any_close:
             self._form_iterate(close)
         self.any_expanding = bool(any_expanding)
-        self.k_bound = min(self.k_bound + 1, self.m - 1)
         return bool(any_close or any_expanding)
 
     def _expand(self, w: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validate import check_float, check_int
-from ._base import AbstractSolver, SolverState, combine, dots
+from ._base import AbstractSolver, SolverState, combine, dots, history_buffer
 
 __all__ = ["Anderson"]
 
@@ -87,17 +87,18 @@ class Anderson(AbstractSolver):
             raise TypeError(f"safeguard must be a bool, got {self.safeguard!r}")
 
     def init(self, z: Tensor) -> SolverState:
-        batch, n = z.shape
+        batch = z.shape[0]
         m = self.history_size
         return {
             # beta f(z_i) + (1 - beta) z_i and g_i = f(z_i) - z_i; only the slots filled so
-            # far are read, so neither needs zeroing.
-            "X": z.new_empty(batch, m, n),
-            "G": z.new_empty(batch, m, n),
+            # far are read. Built from z (not new_empty), so that under torch.func.vmap the
+            # buffers are batched like the values written into them.
+            "X": history_buffer(z, m),
+            "G": history_buffer(z, m),
             # The bordered system, slot i at row and column i + 1. A slot holding a pair since
             # the last restart has a border 1; one without a pair a zero border and a unit
             # diagonal (its weight is 0), so the border is also the mask of valid slots.
-            "system": _constants(z, m, self.regularization)["empty"].clone(),
+            "system": _batched_copy(z, _constants(z, m, self.regularization)["empty"]),
             # No pair before this step's (the first step, or the one after a restart): its
             # step is the plain one, so the next iterate is not tested.
             "fresh": torch.ones(batch, dtype=torch.bool, device=z.device),
@@ -169,6 +170,12 @@ class Anderson(AbstractSolver):
         system = torch.where(bad.view(-1, 1, 1), state["empty"], system)
         new_state = {**state, "system": system, "fresh": bad, "bar": bar}
         return z_next, new_state, bad
+
+
+def _batched_copy(z: Tensor, constant: Tensor) -> Tensor:
+    """A writable ``(B, ...)`` copy of a batch-sized view of ``constant``, built from ``z`` so
+    that under ``torch.func.vmap`` it is batched like the values written into it."""
+    return constant.clone() + torch.zeros_like(z[:, :1, None])
 
 
 def _constants(z: Tensor, m: int, regularization: float) -> dict[str, Tensor]:

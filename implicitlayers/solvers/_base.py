@@ -214,6 +214,12 @@ def _check_step_signature(cls: type) -> None:
 _SMALL = 64
 
 
+def history_buffer(z: Tensor, slots: int) -> Tensor:
+    """A zeroed ``(B, slots, n)`` buffer for a solver's history, built from ``z`` so that under
+    ``torch.func.vmap`` it is batched like the values the solver writes into it in place."""
+    return torch.zeros_like(z)[:, None].repeat(1, slots, 1)
+
+
 def dots(W: Tensor, x: Tensor) -> Tensor:
     """``(B, k)`` products :math:`w_i^\\top x` of the ``k`` rows of each ``W[b]`` with ``x[b]``."""
     if W.shape[2] <= _SMALL:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_int
-from ._base import AbstractSolver, SolverState, combine, dots
+from ._base import AbstractSolver, SolverState, combine, dots, history_buffer
 
 __all__ = ["Broyden"]
 
@@ -58,12 +58,12 @@ class Broyden(AbstractSolver):
         check_int("history_size", self.history_size, minimum=1)
 
     def init(self, z: Tensor) -> SolverState:
-        batch, n = z.shape
+        batch = z.shape[0]
         return {
             # One slot more than `history_size`: rows that store no update this step write to the
             # last, scratch slot (never multiplied), so a store is a single scatter.
-            "U": z.new_zeros(batch, self.history_size + 1, n),
-            "V": z.new_zeros(batch, self.history_size + 1, n),
+            "U": history_buffer(z, self.history_size + 1),
+            "V": history_buffer(z, self.history_size + 1),
             "count": torch.zeros(batch, dtype=torch.long, device=z.device),
             "hg": torch.zeros_like(z),  # the previous H g, so the previous step was dz = -hg
             "g_prev": torch.zeros_like(z),

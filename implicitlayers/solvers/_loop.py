@@ -154,7 +154,10 @@ def run_loop(
         trace, recorded, n_f_evals = _run_with_reads(r, f, solver, record_at)
     else:
         trace, recorded, n_f_evals = _run_chunked(r, f, solver, record_at)
-    n_f_evals += _evaluate_returned(r, f, solver)
+    # One chunk of the whole budget reads nothing on the host, and its end reads nothing
+    # either: it evaluates the returned batch whether or not it was evaluated last.
+    read = host_reads or solver.check_every < solver.max_iter
+    n_f_evals += _evaluate_returned(r, f, solver, read)
     return _output(r, solver, z0, r.best_z, trace, recorded, n_f_evals, record_at, fz=r.fz)
 
 
@@ -488,15 +491,16 @@ def _rate_of_running(r: _Rows) -> None:
     r.rate = torch.where(running, estimate, r.rate)
 
 
-def _evaluate_returned(r: _Rows, f: FlatMap, solver: AbstractSolver) -> int:
+def _evaluate_returned(r: _Rows, f: FlatMap, solver: AbstractSolver, read: bool = True) -> int:
     """Rates of the rows still running; with all rows evaluated, the evaluation at a returned
-    batch that was never evaluated, which sets every row's residual and status (a row that
-    had converged but fails there runs no more: ``MAX_ITER``). Returns the evaluations."""
+    batch that was never evaluated (``read=False``: without reading whether it was), which
+    sets every row's residual and status (a row that had converged but fails there runs no
+    more). Returns the evaluations."""
     if r.any_active:  # (two full-state passes: skipped when the host knows none runs)
         _rate_of_running(r)
     r.n_steps = r.n_steps + r.pending
     r.pending = 0
-    if r.current is None or bool(r.current.all()):
+    if read and (r.current is None or bool(r.current.all())):
         return 0
     # Some rows return an earlier iterate, so the returned batch was never evaluated: for an
     # f that couples samples, every residual may differ there. Measure them, with the
