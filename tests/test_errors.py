@@ -552,31 +552,38 @@ class Returns(AbstractSolver):
 
 @pytest.mark.parametrize("path", PATH_PARAMS)
 def test_what_a_step_returns_is_checked_once_per_solve_on_every_path(path):
-    with pytest.raises(ValueError) as caught:
-        _solve(Returns(z_next="short"), **path.options)
-    assert str(caught.value) == "Returns.step returned z_next of shape (6, 39); expected (6, 40)"
-    with pytest.raises(TypeError) as caught:
-        _solve(Returns(z_next="list"), **path.options)
-    assert str(caught.value) == (
-        "Returns.step must return (z_next, state, breakdown) with z_next a tensor, got z_next "
-        "of type list"
-    )
-    with pytest.raises(TypeError) as caught:
-        _solve(Returns(breakdown="float"), **path.options)
-    assert str(caught.value) == (
-        "Returns.step returned breakdown as a torch.float32 tensor of shape (6,); it must "
-        "be a (6,) bool tensor marking the samples whose internal system broke down this "
-        "step, or None for a solver that cannot break down (e.g. breakdown = "
-        "denominator.abs() <= tiny)"
-    )
-    with pytest.raises(TypeError) as caught:
-        _solve(Returns(breakdown=[False] * 6), **path.options)
-    assert str(caught.value) == (
-        "Returns.step returned breakdown as [False, False, False, False, False, False] (list); "
+    breakdown = (
         "it must be a (6,) bool tensor marking the samples whose internal system broke down "
         "this step, or None for a solver that cannot break down (e.g. breakdown = "
         "denominator.abs() <= tiny)"
     )
+    for solver, error, message in (
+        (
+            Returns(z_next="short"),
+            ValueError,
+            "Returns.step returned z_next of shape (6, 39); expected (6, 40)",
+        ),
+        (
+            Returns(z_next="list"),
+            TypeError,
+            "Returns.step must return (z_next, state, breakdown) with z_next a tensor, got "
+            "z_next of type list",
+        ),
+        (
+            Returns(breakdown="float"),
+            TypeError,
+            f"Returns.step returned breakdown as a torch.float32 tensor of shape (6,); {breakdown}",
+        ),
+        (
+            Returns(breakdown=[False] * 6),
+            TypeError,
+            "Returns.step returned breakdown as [False, False, False, False, False, False] "
+            f"(list); {breakdown}",
+        ),
+    ):
+        with pytest.raises(error) as caught:
+            _solve(solver, **path.options)
+        assert str(caught.value) == message
 
 
 def test_a_state_the_running_rows_cannot_select_is_named():
@@ -601,26 +608,31 @@ def test_a_state_the_running_rows_cannot_select_is_named():
         def step(self, state, z, fz, iteration):
             return fz, {**state, "k": state["k"] + 1}, None
 
-    with pytest.raises(TypeError) as caught:
-        _solve(Listed(), independent_samples=True)
-    assert (
-        str(caught.value) == "Listed.init must return a dict of tensors (a SolverState), got list"
-    )
-    with pytest.raises(TypeError) as caught:
-        _solve(Hyper(), independent_samples=True)
-    assert str(caught.value) == (
-        "Hyper.init returned state['m'] of type int; every state entry must be a tensor with "
-        "the batch as its leading dimension (keep hyperparameters on the solver, not in its "
-        "state)"
-    )
-    with pytest.raises(ValueError) as caught:
-        _solve(Counter(), independent_samples=True)
-    assert str(caught.value) == (
-        "Counter.init returned state['k'] of shape (); with independent_samples=True every "
-        "state tensor needs the batch (6) as its leading dimension, so that the loop can drop "
-        "the rows of samples that stopped: give it shape (6, ...) (a per-solve constant c can "
-        "be c.expand(6, ...), which costs no memory)"
-    )
+    for solver, error, message in (
+        (
+            Listed(),
+            TypeError,
+            "Listed.init must return a dict of tensors (a SolverState), got list",
+        ),
+        (
+            Hyper(),
+            TypeError,
+            "Hyper.init returned state['m'] of type int; every state entry must be a tensor with "
+            "the batch as its leading dimension (keep hyperparameters on the solver, not in its "
+            "state)",
+        ),
+        (
+            Counter(),
+            ValueError,
+            "Counter.init returned state['k'] of shape (); with independent_samples=True every "
+            "state tensor needs the batch (6) as its leading dimension, so that the loop can "
+            "drop the rows of samples that stopped: give it shape (6, ...) (a per-solve constant "
+            "c can be c.expand(6, ...), which costs no memory)",
+        ),
+    ):
+        with pytest.raises(error) as caught:
+            _solve(solver, independent_samples=True)
+        assert str(caught.value) == message
     # All rows never select state rows: such a state works there, and gives the answer.
     result = _solve(Counter(max_iter=200, rtol=1e-12, atol=0.0))
     assert bool(result.converged.all())
