@@ -28,6 +28,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "dense": ("dense", "Dense Jacobian inversion versus matrix-free implicit backward"),
     "gpu": ("gpu", "GPU throughput (DE-GRAD 128x128)"),
     "sync": ("sync", "Host synchronisation: check_every and torch.compile"),
+    "compose": ("compose", "Transforms and compile: per-sample gradients, forward mode"),
 }
 
 

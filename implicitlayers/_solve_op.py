@@ -74,7 +74,10 @@ def solve_op(request: Request, flat0: Tensor) -> LoopOutput:
             record_at=request.record_at,
         )
         request.out = out
-        apply_policies(out, f_flat, request.solver)
+        if not (_compiling() and _reads_nothing(request)):
+            # A traced solve that reads nothing on the host stays one graph: its policies,
+            # which would read the statuses, are not applied (check result.status).
+            apply_policies(out, f_flat, request.solver)
         return out
     tensors = tuple(_tree.tensors_in(request.f_flat.inputs))
     outputs = _Solve.apply(flat0, request, *tensors)  # type: ignore[no-untyped-call]

@@ -41,3 +41,62 @@ def run(rank: int, world: int, port: int, out: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def run_fsdp(rank: int, world: int, port: int, out: str) -> None:
+    """FSDP2 (``fully_shard``) around a model whose middle is a DEQ: two training steps on
+    this rank's half of the batch; rank 0 saves the trained parameters, gathered."""
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = make_fsdp_model()
+        fully_shard(model.deq)
+        fully_shard(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, target = make_data()
+        shard = slice(rank * 4, rank * 4 + 4)
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss = ((model(x[shard]) - target[shard]) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+        state = {n: p.full_tensor() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(state, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+class FSDPModel(torch.nn.Module):
+    """An encoder, a DEQ and a head: the DEQ is one layer of a larger model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encode = torch.nn.Linear(3, 3, dtype=torch.float64)
+        self.deq = make_deq()
+        self.head = torch.nn.Linear(5, 5, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, _ = self.deq(self.encode(x), z0=torch.zeros(x.shape[0], 5, dtype=torch.float64))
+        return self.head(z)
+
+
+def make_fsdp_model() -> FSDPModel:
+    return FSDPModel()
+
+
+def train_unsharded() -> dict[str, torch.Tensor]:
+    """The same two steps on one process: the whole batch, mean loss (= the mean over the two
+    ranks of their half-batch means, which FSDP's gradient reduction averages)."""
+    model = make_fsdp_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = make_data()
+    for _ in range(2):
+        optimizer.zero_grad()
+        ((model(x) - target) ** 2).mean().backward()
+        optimizer.step()
+    return {n: p.detach() for n, p in model.named_parameters()}

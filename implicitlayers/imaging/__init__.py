@@ -27,7 +27,7 @@ from ._cg import conjugate_gradient, tikhonov_cg
 from ._contractive import ContractiveDnCNN, NormalizedConv2d
 from ._degrad import DEGRADCell
 from ._dncnn import DnCNN
-from ._linear_operator import LinearOperator
+from ._linear_operator import LinearOperator, PhysicsOperator
 from ._lipschitz import circular_conv_norm, estimate_lipschitz
 from ._metrics import psnr, psnr_paper, psnr_standard, ssim, ssim_standard
 from ._operators import GaussianBlur, add_noise, gaussian_kernel
@@ -39,6 +39,7 @@ __all__ = [
     "GaussianBlur",
     "LinearOperator",
     "NormalizedConv2d",
+    "PhysicsOperator",
     "add_noise",
     "circular_conv_norm",
     "conjugate_gradient",

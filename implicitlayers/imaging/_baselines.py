@@ -39,7 +39,7 @@ def operator_norm(operator: LinearOperator, like: Tensor, *, iters: int = 50) ->
     Returns:
         The bound or the estimate, as a Python float.
     """
-    check_operator("operator", operator)
+    operator = check_operator("operator", operator)
     check_int("iters", iters, minimum=1)
     bound = float(operator.norm_bound())
     if math.isfinite(bound):
@@ -90,7 +90,7 @@ def direct_inverse(operator: LinearOperator, d: Tensor, *, eps: float = 0.0) -> 
         >>> bool((direct_inverse(A, A(x)) - x).abs().max() < 1e-8)
         True
     """
-    check_operator("operator", operator)
+    operator = check_operator("operator", operator)
     transfer = getattr(operator, "transfer_function", None)
     if not callable(transfer):
         raise TypeError(
@@ -146,7 +146,7 @@ def gradient_descent(
     Returns:
         ``(B, C, H, W)`` reconstruction.
     """
-    check_operator("operator", operator)
+    operator = check_operator("operator", operator)
     check_int("steps", steps, minimum=0)
     check_float("tikhonov", tikhonov, low=0.0)
     if step_size is None:
@@ -219,7 +219,7 @@ def tv_deblur(
     Returns:
         ``(B, C, H, W)`` reconstruction.
     """
-    check_operator("operator", operator)
+    operator = check_operator("operator", operator)
     check_float("lam", lam, low=0.0, low_open=True)
     check_int("iters", iters, minimum=0)
     lipschitz = (operator_norm(operator, d) ** 2 + 8.0) ** 0.5
@@ -275,7 +275,7 @@ def pnp_deblur(
     Returns:
         ``(B, C, H, W)`` reconstruction.
     """
-    check_operator("operator", operator)
+    operator = check_operator("operator", operator)
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable as denoiser(x), got {denoiser!r}")
     check_int("iters", iters, minimum=0)

@@ -135,7 +135,7 @@ def tikhonov_cg(
         >>> bool(r.norm() < 1e-8)
         True
     """
-    check_operator("operator", operator)
+    operator = check_operator("operator", operator)
     check_float("lam", lam, low=0.0)
 
     def normal(x: Tensor) -> Tensor:

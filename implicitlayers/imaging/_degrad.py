@@ -122,7 +122,7 @@ class DEGRADCell(nn.Module):
         anchor_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        check_operator("operator", operator)
+        operator = check_operator("operator", operator)
         check_float("anchor_weight", anchor_weight, low=0.0)
         if not callable(regularizer):
             raise TypeError(f"regularizer must be an nn.Module or callable, got {regularizer!r}")

@@ -153,13 +153,63 @@ class LinearOperator(nn.Module, abc.ABC):
         return error
 
 
+class PhysicsOperator(LinearOperator):
+    r"""A :class:`LinearOperator` around an operator of deepinv's ``LinearPhysics`` protocol:
+    any object with methods ``A(x)`` (:math:`A x`) and ``A_adjoint(y)`` (:math:`A^\top y`),
+    such as deepinv's blur, inpainting, MRI and CT physics. :func:`check_operator` wraps such
+    an object itself, so ``DEGRADCell(physics, denoiser)`` takes it directly.
+
+    Its norm is unknown to this library (:meth:`norm_bound` is ``inf``): the tools that need
+    one estimate it by power iteration, and a certified contractive cell refuses it.
+
+    Args:
+        physics: The operator; kept as a submodule when it is an ``nn.Module`` (so ``.to()``
+            and ``state_dict`` follow it).
+
+    Example:
+        >>> import torch
+        >>> from implicitlayers.imaging import PhysicsOperator
+        >>> class Mask:  # deepinv's protocol: A and A_adjoint
+        ...     def __init__(self, m): self.m = m
+        ...     def A(self, x): return self.m * x
+        ...     def A_adjoint(self, y): return self.m * y
+        >>> op = PhysicsOperator(Mask(torch.tensor([1.0, 0.0])))
+        >>> op(torch.ones(1, 2)), op.adjoint(torch.ones(1, 2))
+        (tensor([[1., 0.]]), tensor([[1., 0.]]))
+    """
+
+    def __init__(self, physics: object) -> None:
+        super().__init__()
+        if not (
+            callable(getattr(physics, "A", None)) and callable(getattr(physics, "A_adjoint", None))
+        ):
+            raise TypeError(
+                f"physics must have methods A(x) and A_adjoint(y) (deepinv's LinearPhysics "
+                f"protocol), got {type(physics).__name__}"
+            )
+        self.physics = physics
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.physics.A(x)  # type: ignore[attr-defined]
+        return out
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        out: Tensor = self.physics.A_adjoint(y)  # type: ignore[attr-defined]
+        return out
+
+
 def check_operator(name: str, operator: object) -> LinearOperator:
-    """``operator`` must be a :class:`LinearOperator`; returns it (typed)."""
-    if not isinstance(operator, LinearOperator):
-        raise TypeError(
-            f"{name} must be an implicitlayers.imaging.LinearOperator (with forward and "
-            f"adjoint methods), got {type(operator).__name__}; subclass "
-            "implicitlayers.imaging.LinearOperator, define forward(x) = A x and "
-            "adjoint(y) = A^T y, and test it once with check_adjoint"
-        )
-    return operator
+    """``operator`` as a :class:`LinearOperator`: itself, or an object of deepinv's
+    ``LinearPhysics`` protocol (``A`` and ``A_adjoint``) wrapped in a
+    :class:`PhysicsOperator`."""
+    if isinstance(operator, LinearOperator):
+        return operator
+    if callable(getattr(operator, "A", None)) and callable(getattr(operator, "A_adjoint", None)):
+        return PhysicsOperator(operator)
+    raise TypeError(
+        f"{name} must be an implicitlayers.imaging.LinearOperator (with forward and "
+        f"adjoint methods) or an object with methods A(x) and A_adjoint(y) (deepinv's "
+        f"LinearPhysics protocol), got {type(operator).__name__}; subclass "
+        "implicitlayers.imaging.LinearOperator, define forward(x) = A x and "
+        "adjoint(y) = A^T y, and test it once with check_adjoint"
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +37,21 @@ _MAX_ITER, _BREAKDOWN, _UNSETTLED = (
 
 #: Device types whose tensors can be read on the host without a synchronisation.
 _HOST_FREE = ("cpu",)
+
+
+def _read(flags: Tensor) -> Any:
+    """Flags on the host, a list of them or one (one synchronisation on an accelerator)."""
+    return flags.tolist()
+
+
+_read_traced = torch.compiler.disable(_read)  # type: ignore[no-untyped-call]
+
+
+def _tracing() -> bool:
+    """Whether torch.compile (dynamo) is tracing this call."""
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(check())
 
 
 def default_host_reads(device: torch.device, check_every: int) -> bool:
@@ -97,6 +113,9 @@ class _Rows:
         self.any_active = True  # False once the host has read that no row runs
         # Rows that met the tolerance and lost it at a later batch (f couples the samples).
         self.reopened: Tensor | None = None
+        # Reads flags on the host; under torch.compile through a function dynamo does not
+        # trace, so that a read breaks the graph without a warning about it.
+        self.read = _read_traced if _tracing() else _read
 
 
 def run_loop(
@@ -216,7 +235,7 @@ def _update(
             r.limit = torch.where(revived, limit, r.limit)
         best_res = torch.where(held & converged, res, best_res)
     stopping = active & ~running
-    if r.prev is not None and (not reads or bool(stopping.any())):
+    if r.prev is not None and (not reads or r.read(stopping.any())):
         prev_z, prev_fz = r.prev
         num = torch.linalg.vector_norm(r.fz - prev_fz, dim=1)
         den = torch.linalg.vector_norm(z - prev_z, dim=1)
@@ -238,7 +257,7 @@ def _update(
         # Rows whose best iterate is their current one: those that improved, and those that
         # stopped by converging earlier (frozen since).
         flags = torch.stack((active.any(), active.all(), (better | (status == _SUCCESS)).all()))
-        any_active, all_active, best_is_z = flags.tolist()
+        any_active, all_active, best_is_z = r.read(flags)
         r.any_active = any_active
         if all_active:
             r.active = None
@@ -268,7 +287,7 @@ def _iterate_with_reads(
     running = _test(r, solver, k, res, bound)
     better = res < r.best_res
     if r.active is None:
-        flags = torch.stack((running, better)).all(dim=1).tolist()
+        flags = r.read(torch.stack((running, better)).all(dim=1))
         if flags[0]:
             _keep_best(r, res, better, flags[1])
             return True
@@ -383,7 +402,7 @@ def _run_chunked(
             break
         # The one host read per chunk: stop once no row runs.
         assert r.active is not None  # _update without reads leaves a mask
-        any_active, all_active = torch.stack((r.active.any(), r.active.all())).tolist()
+        any_active, all_active = r.read(torch.stack((r.active.any(), r.active.all())))
         r.any_active = any_active
         if all_active:
             r.active = None
@@ -500,7 +519,7 @@ def _evaluate_returned(r: _Rows, f: FlatMap, solver: AbstractSolver, read: bool 
         _rate_of_running(r)
     r.n_steps = r.n_steps + r.pending
     r.pending = 0
-    if read and (r.current is None or bool(r.current.all())):
+    if read and (r.current is None or r.read(r.current.all())):
         return 0
     # Some rows return an earlier iterate, so the returned batch was never evaluated: for an
     # f that couples samples, every residual may differ there. Measure them, with the

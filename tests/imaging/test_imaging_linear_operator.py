@@ -215,3 +215,46 @@ def test_tikhonov_cg_and_baselines_with_a_mask():
     # gradient descent with the default step 1 / ||A||^2 converges to d / m on the mask
     out = gradient_descent(A, d, steps=2000)
     torch.testing.assert_close(out, d / m, rtol=1e-4, atol=1e-4)
+
+
+class _StandInPhysics(torch.nn.Module):
+    """deepinv's LinearPhysics protocol, as its blur implements it: ``A`` a circular
+    convolution, ``A_adjoint`` its transpose (a stand-in: deepinv needs a torchvision that
+    does not import beside this torch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("kernel", torch.rand(1, 1, 3, 3, generator=gen, dtype=torch.float64))
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(
+            torch.nn.functional.pad(x, (1, 1, 1, 1), "circular"), self.kernel
+        )
+
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        flipped = self.kernel.flip(-1, -2)
+        return torch.nn.functional.conv2d(
+            torch.nn.functional.pad(y, (1, 1, 1, 1), "circular"), flipped
+        )
+
+
+def test_an_operator_of_deepinvs_protocol_drives_the_degrad_cell():
+    from implicitlayers.imaging import DEGRADCell, DnCNN, PhysicsOperator, tikhonov_cg
+
+    physics = _StandInPhysics()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    op = PhysicsOperator(physics)
+    assert op.check_adjoint(x) < 1e-12  # the wrapped pair is a true adjoint pair
+    torch.testing.assert_close(op(x), physics.A(x))
+    cell = DEGRADCell(physics, DnCNN(channels=1, depth=3, width=4).double())
+    assert isinstance(cell.operator, PhysicsOperator) and cell.operator.physics is physics
+    d = physics.A(x)
+    out = il.DEQ(cell, solver=il.Anderson(max_iter=30))(d, z0=op.adjoint(d))
+    assert out.z.shape == x.shape and torch.isfinite(out.z).all()
+    # The Tikhonov baseline takes it as well: it solves its normal equations.
+    rec = tikhonov_cg(physics, d, lam=0.1, steps=200)
+    residual = op.normal(rec) + 0.1 * rec - op.adjoint(d)
+    assert residual.abs().max() < 1e-8
+    with pytest.raises(TypeError, match=r"A\(x\) and A_adjoint\(y\) \(deepinv's LinearPhysics"):
+        DEGRADCell(object(), DnCNN(channels=1, depth=3, width=4))
