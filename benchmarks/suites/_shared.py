@@ -19,17 +19,15 @@ from .._types import SuiteContext, SuiteResult
 
 
 def make_solver(name: str, **options: Any) -> il.AbstractSolver:
-    """A solver by name with the given shared options (``max_iter``, ``atol``, ...)."""
-    if name == "picard":
-        return il.Picard(**options)
-    if name == "anderson":
-        return il.Anderson(**options)
-    if name == "broyden":
-        return il.Broyden(**options)
-    raise ValueError(f"unknown solver {name!r}")
+    """A solver by name (the library's own table) with the given shared options
+    (``max_iter``, ``atol``, ...)."""
+    if name not in il.solvers.SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; valid: {', '.join(il.solvers.SOLVERS)}")
+    return il.solvers.SOLVERS[name](**options)
 
 
-SOLVER_NAMES = ("picard", "anderson", "broyden")
+#: The library's solvers, by name: every suite runs each one.
+SOLVER_NAMES = tuple(il.solvers.SOLVERS)
 
 
 def conv_layer(ctx: SuiteContext, dtype: torch.dtype = torch.float32) -> Problem:
