@@ -15,7 +15,7 @@ from ._errors import ConvergenceError, ConvergenceWarning
 from ._flat import FlatMap
 from ._result import SolverResult, Status
 from ._warn import warn_at_caller
-from .solvers import AbstractSolver, Picard
+from .solvers import AbstractSolver, Broyden, Picard
 from .solvers._loop import LoopOutput, run_loop
 
 __all__ = ["apply_policies", "check_flags", "record_at", "result_of", "solve"]
@@ -171,6 +171,12 @@ def _advice(code: Status, solver: AbstractSolver) -> str:
             f"{code.message} If f couples the samples (batch statistics, a batch mean), "
             f"{type(solver).__name__}'s per-sample model of f is wrong and can diverge where "
             "Picard converges: try Picard (with a mixing below 1)."
+        )
+    if code == Status.BREAKDOWN and isinstance(solver, Broyden):
+        return (
+            "Broyden's rank-one update was singular and its memory restarted, and the sample "
+            "did not reach the tolerance after it. Lower history_size, raise max_iter, or use "
+            "Anderson or Picard."
         )
     return code.message
 

@@ -954,3 +954,27 @@ def test_an_rtol_below_half_precision_warns_with_the_fix_only_when_samples_ran_o
         il.fixed_point(
             half_plus_one, torch.zeros(1, 1, dtype=torch.bfloat16), solver=il.Picard(rtol=eps)
         )
+
+
+def test_a_broyden_breakdown_is_not_told_to_use_broyden():
+    # Broyden's secant update is singular on f(z) = z + 1 (no fixed point, every residual the
+    # same): its advice names Broyden's own option and the other solvers, never Broyden.
+    solver = il.Broyden(max_iter=6, divergence_ratio=None, on_unconverged="raise")
+    with pytest.raises(il.ConvergenceError) as caught:
+        il.fixed_point(lambda z: z + 1, torch.zeros(1, 2, dtype=torch.float64), solver=solver)
+    message = str(caught.value)
+    assert "BREAKDOWN: Broyden's rank-one update was singular" in message
+    assert "use Anderson or Picard" in message and "use Broyden" not in message
+
+
+def test_a_solver_step_returning_complex_iterates_is_refused():
+    class Complexify(il.AbstractSolver):
+        def init(self, z):
+            return {}
+
+        def step(self, state, z, fz, iteration):
+            return fz.to(torch.complex128), state, None
+
+    with pytest.raises(TypeError, match=r"Complexify\.step returned a torch\.complex128 z_next"):
+        il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(1, 1, dtype=torch.float64),
+                       solver=Complexify(max_iter=5))  # fmt: skip

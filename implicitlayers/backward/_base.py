@@ -114,7 +114,7 @@ class AbstractBackward(abc.ABC):
         Applies ``f`` once at the detached :math:`z^\star` and routes the derivatives through
         that application: the gradient :math:`g` becomes :math:`u` (:meth:`adjoint`) and the
         tangent :math:`\dot f` becomes :math:`\dot z` (:meth:`tangent`). The Jacobian
-        products come from :func:`torch.func.vjp` on that application, so the attach
+        products come from ``torch.func.vjp`` on that application, so the attach
         composes with ``torch.func`` transforms.
 
         Args:
@@ -155,10 +155,10 @@ def _application(
 ) -> tuple[Tensor, VJP]:
     """``f(z)`` with its graph, and the VJP through that graph.
 
-    Under a ``torch.func`` transform by :func:`torch.func.vjp` (no ``requires_grad_`` on an
+    Under a ``torch.func`` transform by ``torch.func.vjp`` (no ``requires_grad_`` on an
     intermediate tensor, which the transforms refuse); otherwise by plain autograd, which
     also serves saved-tensor hooks (activation checkpointing, offloading), which
-    :func:`torch.func.vjp` does not support.
+    ``torch.func.vjp`` does not support.
     """
     if functorch:
         fz, vjp_fn = torch.func.vjp(f_flat, z)[:2]

@@ -1,7 +1,7 @@
 """The autograd ``Function`` objects through which a rule attaches a fixed point.
 
 Every one composes with ``torch.func``: no ``requires_grad_`` on an intermediate tensor under
-a transform (the Jacobian products come from :func:`torch.func.vjp` there), a forward-mode
+a transform (the Jacobian products come from ``torch.func.vjp`` there), a forward-mode
 rule (``jvp``) beside the reverse one, and a generated vmap rule (the rules' formulas batch as
 they are; a solve that would read the host runs without reads under a transform).
 """

@@ -156,11 +156,12 @@ class LinearOperator(nn.Module, abc.ABC):
 class PhysicsOperator(LinearOperator):
     r"""A :class:`LinearOperator` around an operator of deepinv's ``LinearPhysics`` protocol:
     any object with methods ``A(x)`` (:math:`A x`) and ``A_adjoint(y)`` (:math:`A^\top y`),
-    such as deepinv's blur, inpainting, MRI and CT physics. :func:`check_operator` wraps such
-    an object itself, so ``DEGRADCell(physics, denoiser)`` takes it directly.
+    such as deepinv's blur, inpainting, MRI and CT physics. The imaging tools wrap such an
+    object themselves, so ``DEGRADCell(physics, denoiser)`` takes it directly.
 
-    Its norm is unknown to this library (:meth:`norm_bound` is ``inf``): the tools that need
-    one estimate it by power iteration, and a certified contractive cell refuses it.
+    Its norm is unknown to this library (:meth:`~LinearOperator.norm_bound` is ``inf``): the
+    tools that need one estimate it by power iteration, and a certified contractive cell
+    refuses it.
 
     Args:
         physics: The operator; kept as a submodule when it is an ``nn.Module`` (so ``.to()``

@@ -684,6 +684,11 @@ def _check_step(solver: AbstractSolver, z: Tensor, z_next: object, breakdown: ob
             f"{name}.step must return (z_next, state, breakdown) with z_next a tensor, got "
             f"z_next of type {type(z_next).__name__}"
         )
+    if z_next.is_complex() and not z.is_complex():
+        raise TypeError(
+            f"{name}.step returned a {z_next.dtype} z_next for a {z.dtype} iterate: casting it "
+            "would drop the imaginary part; return real iterates"
+        )
     if z_next.shape != z.shape:
         raise ValueError(
             f"{name}.step returned z_next of shape {tuple(z_next.shape)}; expected {tuple(z.shape)}"
