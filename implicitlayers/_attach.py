@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from . import _tree
@@ -15,8 +16,16 @@ from ._errors import ConvergenceWarning
 from ._flat import FlatMap
 from ._result import Status
 from ._warn import warn_at_caller
+from .backward._functions import functorch_active
 
-__all__ = ["failed_rows", "grad_leaves", "needs_attach", "watch_determinism", "without_nonfinite"]
+__all__ = [
+    "failed_rows",
+    "forward_mode",
+    "grad_leaves",
+    "needs_attach",
+    "watch_determinism",
+    "without_nonfinite",
+]
 
 
 def grad_leaves(f: Callable[..., Any], inputs: tuple[Any, ...]) -> list[Tensor]:
@@ -52,14 +61,28 @@ def grad_leaves(f: Callable[..., Any], inputs: tuple[Any, ...]) -> list[Tensor]:
 
 
 def needs_attach(f_flat: FlatMap, z_star: Tensor, leaves: list[Tensor]) -> bool:
-    """Whether the solution needs attaching: a visible tensor wants a gradient, or, when none
-    does, one application of ``f`` at the detached solution with autograd on says that
-    ``f`` depends on a tensor that wants one (a global, or one built inside ``f``): its output
-    then requires grad. The probe costs one evaluation of ``f`` without a graph."""
-    if leaves:
+    """Whether the solution needs attaching: a visible tensor wants a gradient, a
+    ``torch.func`` transform runs, or, when neither, one application of ``f`` at the detached
+    solution with autograd on says that ``f`` depends on a tensor that wants a gradient or
+    carries a forward-mode tangent (a global, or one built inside ``f``). The probe costs one
+    evaluation of ``f`` without a graph."""
+    if leaves or functorch_active():
         return True
     with torch.enable_grad():
-        return bool(f_flat(z_star.detach()).requires_grad)
+        out = f_flat(z_star.detach())
+    return bool(out.requires_grad) or fwAD.unpack_dual(out).tangent is not None
+
+
+def forward_mode(f: Callable[..., Any], inputs: tuple[Any, ...]) -> bool:
+    """Whether tangents may flow through the solution although autograd does not record: a
+    ``torch.func`` transform runs, or a tensor of the inputs or of an ``nn.Module`` ``f`` is
+    a dual tensor of ``torch.autograd.forward_ad``."""
+    if functorch_active():
+        return True
+    tensors = _tree.tensors_in(inputs)
+    if isinstance(f, nn.Module):
+        tensors += [*f.parameters(), *f.buffers()]
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def failed_rows(status: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ._attach import (
     clean_rows,
     failed_rows,
+    forward_mode,
     grad_leaves,
     needs_attach,
     watch_determinism,
@@ -268,12 +269,15 @@ class DEQ(nn.Module):
             # One host read where f is applied again: are there samples to keep out of it?
             # (Under torch.func.vmap none: the statuses are batched, and the failed rows'
             # entries are zeroed by masks, whether there are any or not.)
-            reapplied = torch.is_grad_enabled() or jacobian_penalty or spectral_radius
+            tangents = not torch.is_grad_enabled() and forward_mode(self.f, inputs)
+            reapplied = torch.is_grad_enabled() or tangents or jacobian_penalty or spectral_radius
             any_failed = request.vmapped or (bool(failed.any()) if reapplied else False)
             # The map the attach and the diagnostics apply f through: the caller's autocast,
             # and the failed samples' non-finite inputs zeroed.
             f_main = f_flat.with_inputs(without_nonfinite(inputs, failed) if any_failed else inputs)
-            z_flat, attached = self._attach(f_main, out, solver_, failed if any_failed else None)
+            z_flat, attached = self._attach(
+                f_main, out, solver_, failed if any_failed else None, tangents
+            )
             # Each returned state unflattened once: the solve's (detached) and, attached, the
             # output (in f's dtype under autocast).
             result = result_of(out, f_flat)
@@ -316,12 +320,17 @@ class DEQ(nn.Module):
             raise
 
     def _attach(
-        self, f_main: FlatMap, out: LoopOutput, solver_: AbstractSolver, failed: Tensor | None
+        self,
+        f_main: FlatMap,
+        out: LoopOutput,
+        solver_: AbstractSolver,
+        failed: Tensor | None,
+        tangents: bool,
     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-        """The flat fixed point carrying the backward rule's gradient (when autograd records
-        and a tensor wants one), and the recorded states, each attached at its own point
-        (``None``: nothing attached)."""
-        if not torch.is_grad_enabled():
+        """The flat fixed point carrying the backward rule's derivatives (when autograd
+        records and a tensor wants a gradient, or when forward-mode ``tangents`` flow), and the
+        recorded states, each attached at its own point (``None``: nothing attached)."""
+        if not (torch.is_grad_enabled() or tangents):
             return out.z, None
         z_star = clean_rows(out.z, failed) if failed is not None else out.z
         if out.fz is not None and failed is None and self.host_reads is not False:

@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 
 import implicitlayers as il
+from benchmarks._cli import SUITES as REGISTERED_SUITES
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ("solvers", "freezing", "backward", "adjoint", "memory", "peers", "dense", "gpu", "sync")
+#: Every suite the runner knows (its one table): each must run and report.
+SUITES = tuple(REGISTERED_SUITES)
 ENV_FIELDS = ("date", "host", "cpu", "torch", "implicitlayers", "device", "torch_threads")
 
 pytestmark = pytest.mark.skipif(

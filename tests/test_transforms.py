@@ -256,3 +256,29 @@ def test_a_torch_func_hessian_of_an_approximate_rule_is_its_formulas():
     H = hessian(lambda xi: per(xi).sum())(x)
     want = hessian(lambda xi: cell(z[None], xi[None]).sum())(x)
     torch.testing.assert_close(H, want, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_mode_through_a_map_with_no_parameters_and_under_no_grad():
+    # Nothing requires grad (a plain f; the input is a dual tensor, or wrapped by jvp): the
+    # tangent must still flow, also under torch.no_grad(), where forward mode works too.
+    # (It used to come back None, or zero, with no error.)
+    gen = torch.Generator().manual_seed(5)
+    W = 0.5 * torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=F64))[0]
+
+    def f(z, x):
+        return torch.tanh(z @ W.T + x)
+
+    deq = il.DEQ(f, solver=TIGHT, backward=EXACT)
+    x = torch.randn(2, 4, generator=gen, dtype=F64)
+    dx = torch.randn(2, 4, generator=gen, dtype=F64)
+    z = deq(x).z.detach()
+    J = torch.func.vmap(torch.func.jacrev(lambda zi, xi: f(zi[None], xi[None])[0]))(z, x)
+    Fx = torch.func.vmap(torch.func.jacrev(lambda xi, zi: f(zi[None], xi[None])[0]))(x, z)
+    want = torch.linalg.solve(torch.eye(4, dtype=F64) - J, torch.einsum("bij,bj->bi", Fx, dx))
+    _, got = jvp(lambda x: deq(x).z, (x,), (dx,))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for context in (torch.enable_grad, torch.no_grad):
+        with context(), fwAD.dual_level():
+            tangent = fwAD.unpack_dual(deq(fwAD.make_dual(x, dx)).z).tangent
+        assert tangent is not None, context
+        torch.testing.assert_close(tangent, want, rtol=1e-10, atol=1e-12)
