@@ -17,6 +17,7 @@ from ._flat import FlatMap
 from ._result import Status
 from ._warn import warn_at_caller
 from .backward._functions import functorch_active
+from .solvers._loop import _read, _read_traced, _tracing
 
 __all__ = [
     "failed_rows",
@@ -133,12 +134,14 @@ def watch_determinism(f_flat: FlatMap, fz_solved: Tensor, rtol: float, atol: flo
         ref = fz_solved
         diff = torch.linalg.vector_norm(fz.detach().to(ref.dtype) - ref, dim=1)
         bound = torch.linalg.vector_norm(ref, dim=1).mul_(rtol).add_(atol)
-        moved = diff > bound
-        if not bool(moved.any()):
+        # One host read, through the dynamo-disabled reader when compiling (no graph-break
+        # warning in a compiled DEQ with host reads).
+        n_moved = (_read_traced if _tracing() else _read)((diff > bound).sum())
+        if not n_moved:
             return
         message = (
             f"f is not one deterministic map: applied twice at the returned batch, its value "
-            f"changed by more than the solver's tolerance for {int(moved.sum())}/{len(moved)} "
+            f"changed by more than the solver's tolerance for {n_moved}/{len(diff)} "
             "samples, so what the solve reported as converged is not a fixed point of the map "
             "the backward pass differentiates (and the next draw would move it again). A "
             "random layer inside f, usually nn.Dropout in training mode, draws a new mask at "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import socket
 import subprocess
@@ -68,6 +69,35 @@ def test_compiled_f_solves_and_trains():
     torch.testing.assert_close(z, reference)
     z.sum().backward()
     assert cell.W.grad is not None
+
+
+# Dynamo itself touches .grad of non-leaf tensors while tracing; not our code's warning.
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_a_compiled_training_step_on_the_default_path_logs_no_graph_break_warning(caplog):
+    # The default path reads the host (statuses, the determinism check at the attach): each
+    # read goes through a dynamo-disabled reader, so dynamo logs no "Graph break" warning.
+    # (Found by a classifier trained under torch.compile: the determinism check's read did.)
+    torch._dynamo.reset()
+    cell = TanhCell()
+    deq = il.DEQ(cell, solver=il.Picard(max_iter=40, rtol=1e-8))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    z0 = torch.zeros(4, 5, dtype=torch.float64)
+    want = deq(x, z0=z0).z
+    want.sum().backward()
+    want_grad = cell.W.grad.clone()
+    cell.W.grad = None
+    dynamo_logger = logging.getLogger("torch._dynamo")
+    dynamo_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+            z = torch.compile(lambda x: deq(x, z0=z0).z, backend="aot_eager")(x)
+            z.sum().backward()
+    finally:
+        dynamo_logger.removeHandler(caplog.handler)
+        torch._dynamo.reset()
+    assert not [r.getMessage() for r in caplog.records if "Graph break" in r.getMessage()]
+    torch.testing.assert_close(z, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(cell.W.grad, want_grad, rtol=0, atol=1e-12)
 
 
 def test_autograd_jacobian_of_a_deq_is_the_implicit_jacobian():
