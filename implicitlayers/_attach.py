@@ -71,7 +71,7 @@ def needs_attach(f_flat: FlatMap, z_star: Tensor, leaves: list[Tensor]) -> bool:
         return True
     with torch.enable_grad():
         out = f_flat(z_star.detach())
-    return bool(out.requires_grad) or fwAD.unpack_dual(out).tangent is not None
+    return bool(out.requires_grad) or fwAD.unpack_dual(out).tangent is not None  # type: ignore[no-untyped-call]
 
 
 def forward_mode(f: Callable[..., Any], inputs: tuple[Any, ...]) -> bool:
@@ -83,7 +83,7 @@ def forward_mode(f: Callable[..., Any], inputs: tuple[Any, ...]) -> bool:
     tensors = _tree.tensors_in(inputs)
     if isinstance(f, nn.Module):
         tensors += [*f.parameters(), *f.buffers()]
-    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)  # type: ignore[no-untyped-call]
 
 
 def failed_rows(status: Tensor) -> Tensor:

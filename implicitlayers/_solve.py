@@ -121,7 +121,7 @@ def apply_policies(out: LoopOutput, f_flat: FlatMap, solver: AbstractSolver) -> 
     status = out.status
     if logger.isEnabledFor(logging.DEBUG):  # the summary reads the statuses on the host
         logger.debug("fixed_point: %s", result_of(out, f_flat).summary())
-    _check_precision(status, solver, f_flat.dtype)
+    _check_precision(status, solver, *_working_precision(f_flat.dtype, out.z))
     nonfinite = status == int(Status.NONFINITE)
     failed = (status != int(Status.SUCCESS)) & ~nonfinite
     for mask, policy in ((nonfinite, solver.on_nonfinite), (failed, solver.on_unconverged)):
@@ -181,9 +181,38 @@ def _advice(code: Status, solver: AbstractSolver) -> str:
     return code.message
 
 
-def _check_precision(status: Tensor, solver: AbstractSolver, dtype: torch.dtype) -> None:
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs ``f``'s matmuls and convolutions in on ``device_type``, or
+    ``None`` outside autocast (the per-device API is torch >= 2.4's; older torch has the
+    CPU and CUDA functions)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    except (TypeError, AttributeError):  # pragma: no cover - torch < 2.4
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        return None
+
+
+def _working_precision(state_dtype: torch.dtype, z: Tensor) -> tuple[torch.dtype, str]:
+    """The narrowest dtype the residual passes through, and how to name it: the state's (``f``
+    sees states in it), the iterates' (what ``f`` returned) or autocast's (``f``'s products)."""
+    candidates = [(state_dtype, "state"), (z.dtype, "iterates")]
+    autocast = _autocast_dtype(z.device.type)
+    if autocast is not None:
+        candidates.append((autocast, "autocast arithmetic in f"))
+    return max(candidates, key=lambda c: torch.finfo(c[0]).eps)
+
+
+def _check_precision(
+    status: Tensor, solver: AbstractSolver, dtype: torch.dtype, where: str = "state"
+) -> None:
     """Warn when samples ran out of iterations with an ``rtol`` below what a half-precision
-    state can resolve (the default ``rtol=1e-4`` is below bfloat16's epsilon)."""
+    state (or iterates, or autocast's arithmetic inside ``f``) can resolve (the default
+    ``rtol=1e-4`` is below bfloat16's epsilon)."""
     if dtype not in _LOW_PRECISION:
         return
     eps = torch.finfo(dtype).eps
@@ -196,9 +225,9 @@ def _check_precision(status: Tensor, solver: AbstractSolver, dtype: torch.dtype)
     warn_at_caller(
         f"{unconverged}/{status.shape[0]} samples used all max_iter={solver.max_iter} "
         f"evaluations with rtol={solver.rtol:g}, which is below the precision of their "
-        f"{dtype} state (eps {eps:.2g}): unless the fixed point happens to be exactly "
+        f"{dtype} {where} (eps {eps:.2g}): unless the fixed point happens to be exactly "
         f"representable, the residual cannot reach it. Pass rtol >= {_round_up(eps)} for "
-        f"{dtype} states (e.g. {type(solver).__name__}(rtol={_round_up(eps)})), or solve in "
+        f"{dtype} (e.g. {type(solver).__name__}(rtol={_round_up(eps)})), or solve in "
         "a wider dtype.",
         ConvergenceWarning,
     )

@@ -923,7 +923,7 @@ def test_warnings_point_at_the_callers_line():
         "1/1 samples used all max_iter=50 evaluations with rtol=0.0001, which is below the "
         "precision of their torch.bfloat16 state (eps 0.0078): unless the fixed point happens "
         "to be exactly representable, the residual cannot reach it. Pass rtol >= 8e-03 for "
-        "torch.bfloat16 states (e.g. Picard(rtol=8e-03)), or solve in a wider dtype."
+        "torch.bfloat16 (e.g. Picard(rtol=8e-03)), or solve in a wider dtype."
     )
     # The adjoint's warning, raised inside autograd's engine, points at loss.backward().
     rule = il.ImplicitDifferentiation(solver=il.Picard(max_iter=2, rtol=1e-12))
@@ -954,6 +954,24 @@ def test_an_rtol_below_half_precision_warns_with_the_fix_only_when_samples_ran_o
         il.fixed_point(
             half_plus_one, torch.zeros(1, 1, dtype=torch.bfloat16), solver=il.Picard(rtol=eps)
         )
+    # A float32 state under bfloat16 autocast: f's products are bfloat16, and the float32
+    # sum after them cannot remove their rounding (the narrowest dtype is named as such).
+    lin = torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight.copy_(0.5 * torch.linalg.qr(torch.randn(8, 8)).Q)
+
+    def f(z, x):
+        return lin(z).float() + x
+
+    x = torch.linspace(-1, 1, 64).reshape(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(il.ConvergenceWarning, match=r"bfloat16 autocast arithmetic in f"):
+            r = il.fixed_point(f, torch.zeros(8, 8), x, solver=il.Picard(rtol=1e-6, atol=0.0))
+        assert r.z.dtype == torch.float32 and not r.converged.all()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            r = il.fixed_point(f, torch.zeros(8, 8), x, solver=il.Picard(rtol=1e-2))
+            assert r.converged.all()
 
 
 def test_a_broyden_breakdown_is_not_told_to_use_broyden():
