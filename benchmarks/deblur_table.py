@@ -141,7 +141,7 @@ def contraction(
     solver = flagship.make_solver(s, s.eval_max_iter)
     with torch.no_grad():
         z0 = cell.initial_point(d, method="cg")
-        probe = model(d, z0=z0, solver=solver, spectral_radius=True).spectral_radius
+        probe = model(d, z0, z0=z0, solver=solver, spectral_radius=True).spectral_radius
     return {"radius": probe.radius.tolist(), "radius_settled": probe.converged.float().tolist()}
 
 

@@ -48,7 +48,6 @@ from deblur.cli import Command, Options, SettingsError, arg
 from deblur.data import TEST_SEED, Images, Splits, image_seeds, load, make_splits, noise, shard
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils import parametrize
 from torch.optim import Adam
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from tqdm.auto import tqdm
@@ -86,16 +85,20 @@ class Settings:
     # Network.
     cell: str = arg("standard", "contractive: Lip(T) < 1", choices=("standard", "contractive"))
     lipschitz: float = arg(0.9, "Lip(D) of the contractive denoiser")
+    skip: float = arg(0.1, "contractive: D = s((1-t)x + t N(x)), initial t (0: D = s N)", low=0)
     depth: int = arg(6, "DnCNN convolutions")
     width: int = arg(32, "DnCNN channels")
     batch_norm: bool = arg(False, "batch norm in DnCNN", negatable=True)
     spectral_norm: bool = arg(False, "spectral norm on DnCNN's convolutions", negatable=True)
     step_size: float = arg(0.8, "initial step eta")
+    anchor: float = arg(0.0, "weight lambda of lambda (x - x0) in T, x0 the start", low=0.0)
+    jacobian_penalty: float = arg(0.0, "weight of ||J_T||_F^2 / n in the loss (0: off)", low=0.0)
     # Solver and backward rule.
     solver: str = arg("anderson", "forward fixed-point solver", choices=tuple(SOLVERS))
     max_iter: int = arg(50, "training solver budget")
     eval_max_iter: int = arg(100, "validation and test solver budget")
     rtol: float = arg(1e-3, "relative tolerance")
+    tight_rtol: float = arg(1e-5, "evaluation also solves to this rtol (0: skip)", low=0.0)
     atol: float = arg(5e-4, "absolute tolerance on the per-pixel RMS residual")
     backward: str = arg("jfb", "backward rule", choices=tuple(BACKWARDS))
     neumann_terms: int = arg(5, "k of --backward neumann (terms) and phantom (steps)")
@@ -111,6 +114,7 @@ class Settings:
     checkpoint_every: int = arg(100, "also save last.pt every this many steps", low=1)
     workers: int = arg(0, "DataLoader worker processes", low=0)
     device: str = arg("auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
+    autocast: str = arg("auto", "bf16 for f (auto: where native)", choices=("auto", "bf16", "off"))
     # Evaluation.
     eval_batch_size: int = arg(32, "images per evaluation batch", low=1)
     budgets: tuple[int, ...] = arg((1, 2, 5, 10, 20, 50), "test-time budgets to sweep", low=1)
@@ -141,9 +145,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     | {"limit": 3000, "val_size": 128, "test_limit": 256},
     "cpu128": {"image_size": 128, "train_crop": 64, "depth": 8, "width": 48, "step_size": 1.0}
     | {"pretrain_steps": 1500, "limit": 3000, "val_size": 64, "test_limit": 256, "epochs": 3},
-    "paper": {"image_size": 128, "depth": 17, "width": 64, "batch_norm": True}
-    | {"spectral_norm": True, "step_size": 0.5, "batch_size": 16, "epochs": 20, "lr": 1e-4}
-    | {"pretrain_steps": 2000, "pretrain_lr": 1e-3, "checkpoint_every": 500},
+    "paper": {"image_size": 128, "train_crop": 64, "depth": 17, "width": 64, "batch_norm": True}
+    | {"spectral_norm": True, "step_size": 1.0, "anchor": 0.1, "epochs": 2, "lr": 5e-4}
+    | {"pretrain_steps": 1000, "pretrain_lr": 1e-3, "val_size": 64, "test_limit": 256}
+    | {"checkpoint_every": 25},
 }
 #: What ``--cell contractive`` changes unless given (the library's bound: a step below 2/3).
 CONTRACTIVE = {"step_size": 0.5, "batch_norm": False, "spectral_norm": False}
@@ -164,10 +169,13 @@ def measure(A: LinearOperator, x: Tensor, seeds: list[int], std: float) -> Tenso
 
 
 # ------------------------------------------------------------------------ model and DEQ
-def make_solver(s: Settings, max_iter: int | None = None) -> il.AbstractSolver:
-    """The forward solver ``--solver``; ``atol`` bounds the residual's RMS per pixel."""
-    budget = s.max_iter if max_iter is None else max_iter
-    return SOLVERS[s.solver](max_iter=budget, rtol=s.rtol, atol=s.atol, norm="rms")
+def make_solver(
+    s: Settings, max_iter: int | None = None, rtol: float | None = None
+) -> il.AbstractSolver:
+    """The forward solver ``--solver``; ``atol`` bounds the residual's RMS per pixel. Another
+    ``rtol`` scales ``atol`` alike (``--tight-rtol``: both a hundredth of the preset's)."""
+    budget, scale = s.max_iter if max_iter is None else max_iter, (rtol or s.rtol) / (s.rtol or 1)
+    return SOLVERS[s.solver](max_iter=budget, rtol=scale * s.rtol, atol=scale * s.atol, norm="rms")
 
 
 def make_backward(s: Settings) -> il.AbstractBackward:
@@ -193,12 +201,15 @@ def build_model(s: Settings) -> il.DEQ:
     A, size = imaging.GaussianBlur(s.kernel_size, s.blur_std), (s.train_crop or s.image_size,) * 2
     try:  # the library checks the network's settings
         if s.cell == "contractive":
-            D = ContractiveDnCNN(3, s.depth, s.width, lipschitz=s.lipschitz, input_size=size)
-            cell = DEGRADCell.contractive(A, D, step_size=s.step_size)
+            D = ContractiveDnCNN(3, s.depth, s.width, lipschitz=s.lipschitz, skip=s.skip or None)
+            D.calibrate(size)
+            cell = DEGRADCell.contractive(A, D, step_size=s.step_size, anchor_weight=s.anchor)
         else:
             norms = {"batch_norm": s.batch_norm, "spectral_norm": s.spectral_norm}
             N = imaging.DnCNN(3, s.depth, s.width, residual=True, **norms)
-            cell = DEGRADCell(A, N, step_size=s.step_size, residual_regularizer=True)
+            cell = DEGRADCell(
+                A, N, step_size=s.step_size, residual_regularizer=True, anchor_weight=s.anchor
+            )
     except (ValueError, TypeError) as err:
         raise SettingsError(f"--depth, --width, --lipschitz, --step-size: {err}") from None
     return il.DEQ(cell, solver=make_solver(s), backward=make_backward(s), independent_samples=True)
@@ -210,35 +221,27 @@ def cell_of(model: il.DEQ) -> DEGRADCell:
 
 
 def reconstruct(
-    model: il.DEQ, d: Tensor, solver: il.AbstractSolver | None = None, net: nn.Module | None = None
-) -> tuple[Tensor, il.SolverResult]:
-    """Solve :math:`x = T(x; d)` from 10 Tikhonov-CG steps (``net``: ``model`` under DDP)."""
-    z, result = (net or model)(d, z0=cell_of(model).initial_point(d, method="cg"), solver=solver)
+    model: il.DEQ,
+    d: Tensor,
+    solver: il.AbstractSolver | None = None,
+    net: nn.Module | None = None,
+    **options: Any,
+) -> il.DEQOutput:
+    """Solve :math:`x = T(x; d, x_0)` from :math:`x_0`, 10 Tikhonov-CG steps (``net``: ``model``
+    under DDP); ``options`` go to the DEQ (``z0``: another start, ``jacobian_penalty``, ...)."""
+    x0 = cell_of(model).initial_point(d, method="cg")
+    out = (net or model)(d, x0, solver=solver, **{"z0": x0, **options})
     # Anderson's best iterate mixes clamped outputs and can leave [-1, 1] by up to its residual.
-    return z.clamp(-1.0, 1.0), result
+    clamped = tuple(z.clamp(-1.0, 1.0) for z in out.states)
+    return il.DEQOutput(
+        out.z.clamp(-1.0, 1.0), out.result, jacobian_penalty=out.jacobian_penalty, states=clamped
+    )
 
 
 def fit_norms(model: il.DEQ, size: tuple[int, int], *, training: bool, step: int = 0) -> None:
-    """Keep the denoiser's norm estimates right while the DEQ runs in ``eval()`` mode.
-
-    DEQ training keeps the model in eval mode, so batch norm uses running statistics and
-    :math:`T` is one map per sample, the map of test time. Before a (pre)training step, torch's
-    spectral-norm parametrizations return to training mode (the DEQ computes each weight once
-    per call: one power step per step) and contractive layers take one power step, and exact
-    norms every 20th ``step`` (power steps lag behind the optimiser: a bound of 0.95 drifted
-    to 5.5 in 350 steps). Before validation or test, contractive layers get exact norms.
-    """
-    D = cell_of(model).regularizer
-    with torch.no_grad():
-        if isinstance(D, ContractiveDnCNN):
-            if not training or D.convs()[0].input_size != size or step % 20 == 0:
-                D.calibrate_exact(size)
-            if training:
-                D.calibrate(size)
-        elif training:
-            for m in D.modules():
-                if parametrize.is_parametrized(m, "weight"):
-                    cast(Any, m).parametrizations["weight"].train()
+    """The denoiser's norms, right for the next step (or for test) while the DEQ runs in eval
+    mode: a spectral-norm power step per training step, exact contractive norms at test."""
+    imaging.refresh_norms(cell_of(model).regularizer, size, training=training, step=step)
 
 
 # ------------------------------------------------------------------------------ training
@@ -273,6 +276,9 @@ def train(
     meta = {"settings": asdict(s), "data": splits.description}
     run = state.Run(out, objects, meta, ctx.main, start)  # loads the states and progress
     progress, show = run.progress, ctx.main and not opts.no_progress
+    precision = ddp.autocast(s.autocast, ctx.device)
+    penalty: dict[str, Any] = {"jacobian_penalty": 1, "normalize_penalty": True}
+    penalty = penalty if s.jacobian_penalty else {}
 
     def validate() -> None:
         fit_norms(model, (s.image_size,) * 2, training=False)
@@ -294,7 +300,8 @@ def train(
             fit_norms(model, (x.shape[2], x.shape[3]), training=True, step=progress.pretrain_step)
             sigma = 0.1 * torch.tensor([seed / 2**63 for seed in seeds]).to(x)  # U[0, 0.1]
             e = noise([seed ^ 1 for seed in seeds], x.shape[1:]).to(x)
-            loss = F.mse_loss(net(x + sigma[:, None, None, None] * e), x)
+            with precision:
+                loss = F.mse_loss(net(x + sigma[:, None, None, None] * e).float(), x)
             pre_opt.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             nn.utils.clip_grad_norm_(denoiser.parameters(), s.grad_clip or float("inf"))
@@ -322,9 +329,13 @@ def train(
                 x = data.augment(x, seeds, s.train_crop).to(ctx.device)  # crop first, then measure
                 d = measure(A, x, seeds, s.noise_std)
                 fit_norms(model, (x.shape[2], x.shape[3]), training=True, step=progress.global_step)
-                x_hat, result = reconstruct(model, d, net=net)
+                with precision:
+                    solved = reconstruct(model, d, net=net, **penalty)
                 model.eval()  # that forward took its spectral-norm power step
+                (x_hat, result), jac = solved, solved.jacobian_penalty
                 loss = F.mse_loss(x_hat, x)
+                if jac is not None:  # ||J_T||_F^2 / n pulls T towards a contraction
+                    loss = loss + s.jacobian_penalty * jac.mean()
                 opt.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)
                 norm = nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip or float("inf"))
@@ -366,15 +377,15 @@ def evaluate(
     test-time budget ``k`` (0: the start), seconds, and the first ``keep`` images. Test noise
     is seeded by :data:`TEST_SEED`: every method and run sees the same measurements.
     ``measured``: the images are measurements already (``restore``; scores compare with them)."""
-    A, rows = cell_of(model).operator, defaultdict(list)
+    A, rows, ks = cell_of(model).operator, defaultdict(list), tuple(sorted(budgets))
     todo = shard(images, s.eval_batch_size, ctx)
     model.eval()
     for index, x in tqdm(load(images, todo), total=len(todo), desc=tag, disable=not bars):
         x = x.to(ctx.device)
         d = x if measured else measure(A, x, image_seeds(seed, tag, 0, index), s.noise_std)
-        with torch.no_grad():
+        with torch.no_grad(), ddp.autocast(s.autocast, ctx.device):
             tic = time.perf_counter()
-            x_hat, result = reconstruct(model, d, make_solver(s, s.eval_max_iter))
+            x_hat, result = out = reconstruct(model, d, make_solver(s, s.eval_max_iter), states=ks)
             rows["seconds"].append(time.perf_counter() - tic)
             room = max(keep - len(rows["image/x"]), 0)
             rows["image/x"] += list(x[:room].cpu())
@@ -388,10 +399,14 @@ def evaluate(
             rows["loss"] += ((x_hat - x) ** 2).flatten(1).mean(1).tolist()
             rows["iterations"] += result.n_steps.tolist()
             rows["converged"] += result.converged.float().tolist()
-            x0 = cell_of(model).initial_point(d, method="cg")
-            for k in budgets:
-                x_k = reconstruct(model, d, make_solver(s, k))[0] if k else x0
-                rows[f"budget/{k}"] += imaging.psnr_standard(x_k.clamp(-1, 1), x).tolist()
+            for k, x_k in zip(ks, out.states, strict=True):  # the k-th iterate of that solve
+                rows[f"budget/{k}"] += imaging.psnr_standard(x_k, x).tolist()
+            if s.tight_rtol:  # a true equilibrium: a tighter solve changes nothing
+                tight = make_solver(s, s.eval_max_iter, s.tight_rtol)
+                x_t, more = reconstruct(model, d, tight, z0=result.z)
+                rows["tight/psnr_standard"] += imaging.psnr_standard(x_t, x).tolist()
+                rows["tight/converged"] += more.converged.float().tolist()
+                rows["tight/iterations"] += (result.n_steps + more.n_steps).tolist()
     return dict(rows)
 
 
@@ -422,6 +437,8 @@ def cmd_train(opts: Options, overrides: dict[str, Any]) -> int:
             (out / "settings.json").write_text(json.dumps(asdict(s), indent=2))
             (out / "split.json").write_text(json.dumps(splits.files(), indent=2))
         with state.stop_on_signals(state.StopFlag()) as stop:
+            if opts.init and not start:  # another run's weights; the DEQ phase from its start
+                start = {"model": state.load(opts.init)["model"], "progress": {"phase": "deq"}}
             progress = train(s, splits, out, ctx, opts, start=start, stop=stop)[1]
     if progress.phase == "done" and ctx.main and not opts.no_evaluate:
         cmd_evaluate(replace(opts, checkpoint=str(out / "best.pt")), {})

@@ -58,6 +58,7 @@ class Options:
     output_dir: str = arg("runs/deblur-demo", "where logs, checkpoints, results and figures go")
     preset: str | None = arg(None, "demo, or small with --data-dir", presets=True)
     resume: bool = arg(False, "continue the run in --output-dir from its last.pt")
+    init: str | None = arg(None, "skip pretraining: start from this checkpoint's weights")
     max_steps: int | None = arg(None, "stop (resumably) after this many DEQ steps in all")
     no_evaluate: bool = arg(False, "skip the test-set evaluation after training")
     no_progress: bool = arg(False, "hide progress bars")
@@ -69,7 +70,8 @@ class Options:
 
 
 #: The options each command takes.
-TRAIN = ("output_dir", "preset", "resume", "max_steps", "no_evaluate", "no_progress", "quiet")
+TRAIN: tuple[str, ...] = ("output_dir", "preset", "resume", "init", "max_steps", "no_evaluate")
+TRAIN += ("no_progress", "quiet")
 EVALUATE = ("checkpoint", "output_dir", "no_progress", "quiet")
 RESTORE = ("checkpoint", "input", "output", "simulate")
 #: The flagship's settings a checkpoint's user may change: at evaluation, on resume, to restore.

@@ -30,6 +30,7 @@ from ._dncnn import DnCNN
 from ._linear_operator import LinearOperator, PhysicsOperator
 from ._lipschitz import circular_conv_norm, estimate_lipschitz
 from ._metrics import psnr, psnr_paper, psnr_standard, ssim, ssim_standard
+from ._norms import refresh_norms
 from ._operators import GaussianBlur, add_noise, gaussian_kernel
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "psnr",
     "psnr_paper",
     "psnr_standard",
+    "refresh_norms",
     "ssim",
     "ssim_standard",
     "tikhonov_cg",

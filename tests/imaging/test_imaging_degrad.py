@@ -169,3 +169,51 @@ def test_contractive_factory_and_its_bound():
     big.kernel = big.kernel * 2
     with pytest.raises(ValueError, match="norm_bound"):
         DEGRADCell.contractive(big, D)
+
+
+def test_anchor_term_moves_the_fixed_point_to_the_closed_form():
+    """With R(x) = w x and no clamp, T's fixed point solves (A^T A + (w + lam) I) x = A^T d
+    + lam x0: checked against a dense float64 solve, and lam = 0 is the plain cell."""
+    A, _, d = _problem(size=8, batch=1)
+    x0 = torch.rand_like(d) * 2 - 1
+    n = d.numel()
+    basis = torch.eye(n, dtype=F64).view(n, 1, 1, 8, 8)
+    AtA = torch.stack([A.adjoint(A(b)) for b in basis]).reshape(n, n).T
+    rhs = A.adjoint(d).flatten()
+    solver = il.Anderson(max_iter=200, rtol=1e-12, atol=1e-12)
+    for lam in (0.0, 0.3):
+        cell = DEGRADCell(A, Scale(0.3), step_size=0.5, clamp=None, anchor_weight=lam)
+        expected = torch.linalg.solve(
+            AtA + (0.3 + lam) * torch.eye(n, dtype=F64), rhs + lam * x0.flatten()
+        )
+        with torch.no_grad():
+            z = il.fixed_point(cell, torch.zeros_like(d), d, x0, solver=solver).z
+        torch.testing.assert_close(z.flatten(), expected, rtol=1e-8, atol=1e-9)
+    # the term is lam (x - anchor), with anchor zeros when not given (Tikhonov)
+    x = torch.rand_like(d)
+    plain = DEGRADCell(A, Scale(0.3), step_size=0.5, clamp=None)
+    anchored = DEGRADCell(A, Scale(0.3), step_size=0.5, clamp=None, anchor_weight=0.2)
+    torch.testing.assert_close(anchored(x, d, x0), plain(x, d) - 0.5 * 0.2 * (x - x0))
+    torch.testing.assert_close(anchored(x, d), plain(x, d) - 0.5 * 0.2 * x)
+    with pytest.raises(ValueError, match="anchor_weight"):
+        DEGRADCell(A, Scale(), anchor_weight=-0.1)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_contractive_bound_with_an_anchor_is_certified(lam):
+    """bound = max|1 - eta (2 + lam)|, |1 - eta (1 + lam)|) + eta Lip(D), never below what a
+    power iteration measures; the anchor lowers it."""
+    A = GaussianBlur(5, 5.0, 1, dtype=F64)
+    D = ContractiveDnCNN(channels=1, depth=3, width=4, input_size=(12, 12)).double().eval()
+    cell = DEGRADCell.contractive(A, D, step_size=0.5, anchor_weight=lam, clamp=None)
+    eta, lip_d = float(cell.step_size.detach()), D.lipschitz_bound()
+    linear = max(abs(1 - eta * (2 + lam)), abs(1 - eta * (1 + lam)))
+    assert cell.lipschitz_bound() == pytest.approx(linear + eta * lip_d)
+    d, x0 = torch.rand(2, 1, 12, 12, dtype=F64), torch.rand(2, 1, 12, 12, dtype=F64)
+    from implicitlayers.imaging import estimate_lipschitz
+
+    est = estimate_lipschitz(lambda z: cell(z, d, x0), torch.rand_like(d), iters=100)
+    assert 0.3 < est <= cell.lipschitz_bound()
+    if lam:
+        plain = DEGRADCell.contractive(A, D, step_size=0.5)
+        assert cell.lipschitz_bound() < plain.lipschitz_bound()

@@ -1,5 +1,7 @@
 """estimate_lipschitz, circular_conv_norm, and the contraction guarantees built on them."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,3 +120,27 @@ def test_contractive_cell_is_a_contraction_with_a_unique_fixed_point(contractive
     gap = float((a.z - b.z).flatten(1).norm(dim=1).max())
     assert gap <= 2e-7 / (1 - bound) + 1e-6
     assert float((a.z - b.z).abs().max()) < 1e-5
+
+
+def test_contractive_dncnn_skip_is_a_certified_convex_mix():
+    """D(x) = s ((1 - t) x + t N(x)): the formula, Lip(D) <= s ((1 - t) + t prod rho_l) (=
+    s after exact calibration), measured below it; skip=None is D = s N."""
+    torch.manual_seed(0)
+    D = ContractiveDnCNN(channels=1, depth=4, width=8, input_size=(12, 12), skip=0.3).double()
+    D.eval()
+    assert D.mix == pytest.approx(0.3)
+    x = torch.randn(2, 1, 12, 12, dtype=F64)
+    t = D.mix
+    torch.testing.assert_close(D(x), D.lipschitz * ((1 - t) * x + t * D.layers(x)))
+    ratios = math.prod(conv.lipschitz_ratio() for conv in D.convs())
+    assert D.lipschitz_bound() == pytest.approx(D.lipschitz * ((1 - t) + t * ratios))
+    D.calibrate_exact()
+    assert D.lipschitz_bound() == pytest.approx(D.lipschitz, rel=1e-6)
+    for scale in (0.1, 3.0):
+        est = estimate_lipschitz(D, scale * torch.randn(2, 1, 12, 12, dtype=F64), iters=50)
+        assert 0.9 * D.lipschitz * (1 - t) < est <= D.lipschitz_bound()
+    plain = ContractiveDnCNN(channels=1, depth=4, width=8, input_size=(12, 12), skip=None).eval()
+    assert plain.mix is None and plain.raw_mix is None
+    torch.testing.assert_close(plain(x.float()), plain.lipschitz * plain.layers(x.float()))
+    with pytest.raises(ValueError, match="skip"):
+        ContractiveDnCNN(channels=1, depth=3, width=4, skip=1.0)
