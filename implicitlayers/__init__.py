@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import diagnostics as diagnostics
 from . import linear as linear
 from . import nn as nn
+from ._cache import CacheStats, FixedPointCache
 from ._deq import DEQ, DEQOutput
 from ._errors import ConvergenceError, ConvergenceWarning
 from ._fixed_point import fixed_point
@@ -19,6 +20,7 @@ from ._result import SolverResult, Status
 from ._unroll import unroll
 from .backward import (
     JFB,
+    SHINE,
     AbstractBackward,
     ImplicitDifferentiation,
     Neumann,
@@ -39,14 +41,17 @@ __all__ = [
     "DEQ",
     "GMRES",
     "JFB",
+    "SHINE",
     "AbstractBackward",
     "AbstractSolver",
     "Anderson",
     "Broyden",
+    "CacheStats",
     "CertifiedOutput",
     "ConvergenceError",
     "ConvergenceWarning",
     "DEQOutput",
+    "FixedPointCache",
     "ImplicitDifferentiation",
     "MonotoneDEQ",
     "Neumann",

@@ -20,12 +20,14 @@ from ._attach import (
     watch_determinism,
     without_nonfinite,
 )
+from ._cache import FixedPointCache
 from ._errors import ConvergenceError
 from ._flat import FlatMap, flatten_state
 from ._result import SolverResult
 from ._solve import check_flags, record_at, result_of
 from ._solve_op import Request, solve_op
 from .backward import AbstractBackward
+from .backward._functions import functorch_active
 from .backward._names import as_backward
 from .diagnostics import SpectralRadius
 from .diagnostics._jacobian import penalty_at
@@ -57,10 +59,13 @@ class DEQOutput(tuple[Any, SolverResult]):
         states: With ``deq(x, states=(k1, k2, ...))``: the solver's iterates :math:`z_k`, each
             attached to the graph by the backward rule at its own point (fixed-point
             correction, Bai et al. 2022), else ``()``.
+        from_cache: With ``deq(x, keys=...)`` and a cache: the ``(B,)`` bool tensor of the
+            samples that started from their cached state, else ``None``.
     """
 
     aux: Any
     states: tuple[Any, ...]
+    from_cache: Tensor | None
     jacobian_penalty: Tensor | None
     spectral_radius: SpectralRadius | None
 
@@ -73,10 +78,12 @@ class DEQOutput(tuple[Any, SolverResult]):
         jacobian_penalty: Tensor | None = None,
         spectral_radius: SpectralRadius | None = None,
         states: tuple[Any, ...] = (),
+        from_cache: Tensor | None = None,
     ) -> DEQOutput:
         out = super().__new__(cls, (z, result))
         out.aux = aux
         out.states = states
+        out.from_cache = from_cache
         out.jacobian_penalty = jacobian_penalty
         out.spectral_radius = spectral_radius
         return out
@@ -87,6 +94,7 @@ class DEQOutput(tuple[Any, SolverResult]):
             "jacobian_penalty": self.jacobian_penalty,
             "spectral_radius": self.spectral_radius,
             "states": self.states,
+            "from_cache": self.from_cache,
         }
         return (self[0], self[1]), extra
 
@@ -137,6 +145,10 @@ class DEQ(nn.Module):
             :math:`z^\star` held, use ``f(z.detach(), x)[1]``.
         host_reads: Passed to :func:`fixed_point` (``False``: the sync-free chunked path, for
             ``torch.compile`` and CUDA graphs).
+        cache: A :class:`FixedPointCache`: a call given the batch's ``keys`` starts each
+            sample whose key it holds from its stored fixed point (checked at the current
+            parameters) and stores every solution under its key. Not a submodule (DDP leaves
+            it alone, ``state_dict`` does not hold it: save ``cache.state_dict()`` yourself).
 
     Samples whose forward solve failed (``NONFINITE``, ``DIVERGED``) return their best iterate
     with no gradient: the backward rule never sees their rows (non-finite entries of their
@@ -180,6 +192,7 @@ class DEQ(nn.Module):
         independent_samples: bool = False,
         has_aux: bool = False,
         host_reads: bool | None = None,
+        cache: FixedPointCache | None = None,
     ) -> None:
         super().__init__()
         if not callable(f):
@@ -193,6 +206,11 @@ class DEQ(nn.Module):
         self.independent_samples = independent_samples
         self.has_aux = has_aux
         self.host_reads = host_reads
+        if cache is not None and not isinstance(cache, FixedPointCache):
+            raise TypeError(
+                f"cache must be an implicitlayers.FixedPointCache or None, got {cache!r}"
+            )
+        self.cache = cache
         self.last_backward_result = None
 
     def extra_repr(self) -> str:
@@ -207,6 +225,7 @@ class DEQ(nn.Module):
         normalize_penalty: bool = False,
         spectral_radius: bool = False,
         states: Sequence[int] = (),
+        keys: Any = None,
     ) -> DEQOutput:
         r"""Solve for the fixed point.
 
@@ -247,6 +266,10 @@ class DEQ(nn.Module):
                 per state); a sample that stopped before :math:`k` (or a :math:`k` past the
                 solve) gives its returned ``z``. Memory: one state and one graph of ``f`` per
                 entry, whatever ``max_iter`` is.
+            keys: With the module's ``cache``: one key per sample (dataset indices, sequence
+                ids); samples whose key the cache holds start from their stored state
+                (``z0`` is then the default for the others), and the solutions are stored.
+                ``None``: the cache is not used (e.g. at evaluation time).
 
         Returns:
             :class:`DEQOutput`, which unpacks as ``z, result``.
@@ -260,11 +283,26 @@ class DEQ(nn.Module):
         # The one flatten: the state's structure and every check of it, once.
         f_flat, flat0 = flatten_state(self.f, z0, inputs, has_aux=self.has_aux)
         _check_batch(f_flat.batch, inputs)
+        cache = _cache_for(self.cache, keys)
+        from_cache = None
         # One forward, one map: parametrized weights computed once, dropout masks drawn once.
         frozen = one_map(self.f) if isinstance(self.f, nn.Module) else contextlib.nullcontext()
         with frozen:
-            request = Request(f_flat, solver_, self.independent_samples, self.host_reads, recorded)
+            if cache is not None:  # the cached starts, checked on this forward's map
+                flat0, from_cache = cache.start(f_flat, flat0, keys)
+            # A rule that uses the solver's inverse estimate needs its memory kept, when a
+            # gradient or tangent may flow.
+            keep = (
+                self.backward.uses_estimate
+                and bool(solver_.estimate_keys)
+                and (torch.is_grad_enabled() or forward_mode(self.f, inputs))
+            )
+            request = Request(
+                f_flat, solver_, self.independent_samples, self.host_reads, recorded, keep
+            )
             out = self._solve(request, flat0, default_z0)
+            if cache is not None:
+                cache.finish(keys, out.z, out.status)
             failed = failed_rows(out.status)
             # One host read where f is applied again: are there samples to keep out of it?
             # (Under torch.func.vmap none: the statuses are batched, and the failed rows'
@@ -299,7 +337,13 @@ class DEQ(nn.Module):
                 if spectral_radius:
                     radius = radius_at(f_main, point)
         return DEQOutput(
-            z, result, aux=aux, jacobian_penalty=penalty, spectral_radius=radius, states=states_out
+            z,
+            result,
+            aux=aux,
+            jacobian_penalty=penalty,
+            spectral_radius=radius,
+            states=states_out,
+            from_cache=from_cache,
         )
 
     def _solve(self, request: Request, flat0: Tensor, default_z0: bool) -> LoopOutput:
@@ -350,9 +394,14 @@ class DEQ(nn.Module):
             if module is not None:
                 module.last_backward_result = backward_result
 
+        rule = self.backward
+        if rule.uses_estimate:  # the rule with the solver's estimate of (I - J)^-1
+            kept = out.solver_state
+            rule = rule.with_estimate(None if kept is None else solver_.inverse_estimate(kept))
+
         def attach(point: Tensor, on_result: Any) -> Tensor:
             z_in = clean_rows(point, failed) if failed is not None else point
-            attached = self.backward.attach(f_main, z_in, on_result, leaves=leaves)
+            attached = rule.attach(f_main, z_in, on_result, leaves=leaves)
             if failed is not None:
                 # Failed samples return their best iterate with no gradient; inside the attach
                 # their non-finite entries are zeros, so they cannot reach other gradients.
@@ -379,6 +428,23 @@ class DEQ(nn.Module):
         with torch.no_grad():
             f_main(out.z)
         return f_main.aux
+
+
+def _cache_for(cache: FixedPointCache | None, keys: Any) -> FixedPointCache | None:
+    """The cache a call with ``keys`` uses (``None``: none)."""
+    if keys is None:
+        return None
+    if cache is None:
+        raise ValueError(
+            "keys were given but this DEQ has no cache: construct it with "
+            "DEQ(f, cache=implicitlayers.FixedPointCache(...)), or drop keys"
+        )
+    if functorch_active():
+        raise RuntimeError(
+            "a FixedPointCache cannot be used under a torch.func transform (its keys and "
+            "entries live on the host, per sample): call the DEQ without keys there"
+        )
+    return cache
 
 
 def _check_penalty(jacobian_penalty: Any, normalize_penalty: Any, spectral_radius: Any) -> None:

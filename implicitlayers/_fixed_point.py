@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ._cache import FixedPointCache
 from ._flat import flatten_state
 from ._result import SolverResult
 from ._solve import check_flags, record_at, result_of
@@ -25,6 +26,8 @@ def fixed_point(
     independent_samples: bool = False,
     states: Sequence[int] = (),
     host_reads: bool | None = None,
+    cache: FixedPointCache | None = None,
+    keys: Any = None,
 ) -> SolverResult:
     r"""Solve :math:`z^\star = f(z^\star, \text{inputs})` for every sample of a batch.
 
@@ -71,6 +74,10 @@ def fixed_point(
             (see the guide's compile recipe). ``True``: read every iteration anywhere. The
             results are the same to the last bit; only the operations and host reads per
             iteration differ.
+        cache: A :class:`~implicitlayers.FixedPointCache`, with ``keys``: samples whose key it
+            holds start from their stored state (``z0`` is then the default for the others;
+            the check costs two evaluations of ``f``), and the solutions are stored.
+        keys: One key per sample, for ``cache``.
 
     Returns:
         A :class:`~implicitlayers.SolverResult`; ``result.z`` holds the solution.
@@ -96,7 +103,16 @@ def fixed_point(
     check_flags(independent_samples=independent_samples, host_reads=host_reads)
     recorded = record_at(states)
     f_flat, flat0 = flatten_state(f, z0, inputs)
+    if (cache is None) != (keys is None):
+        raise ValueError(
+            "cache and keys go together: pass both (cache=FixedPointCache(...), keys=one key "
+            f"per sample) or neither; got cache={cache!r}, keys={'None' if keys is None else '...'}"
+        )
     request = Request(f_flat, solver, independent_samples, host_reads, recorded)
     with torch.no_grad():
+        if cache is not None:
+            flat0 = cache.start(f_flat, flat0, keys)[0]
         out = solve_op(request, flat0)
+        if cache is not None:
+            cache.finish(keys, out.z, out.status)
     return result_of(out, f_flat)

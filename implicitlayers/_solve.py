@@ -33,6 +33,7 @@ def solve(
     independent_samples: bool,
     host_reads: bool | None,
     record_at: tuple[int, ...],
+    keep_state: bool = False,
 ) -> LoopOutput:
     """Run the driver loop on the flat map from the flat start, without autograd and with the
     bookkeeping outside the caller's autocast; an empty batch takes no step."""
@@ -57,6 +58,7 @@ def solve(
             independent_samples=independent_samples,
             host_reads=host_reads,
             record_at=record_at,
+            keep_state=keep_state,
         )
 
 

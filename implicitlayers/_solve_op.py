@@ -30,7 +30,7 @@ class Request:
 
     Attributes:
         f_flat: The flat map; its inputs are rebuilt from the tensors passed to the op.
-        solver, independent_samples, host_reads, record_at: As for the loop.
+        solver, independent_samples, host_reads, record_at, keep_state: As for the loop.
         out: The loop's output (of the folded batch under ``vmap``).
         vmapped: Whether the solve ran under ``torch.func.vmap`` (the caller then reads
             nothing on the host: its tensors are batched).
@@ -41,6 +41,7 @@ class Request:
     independent_samples: bool
     host_reads: bool | None
     record_at: tuple[int, ...]
+    keep_state: bool = False
     out: LoopOutput | None = None
     vmapped: bool = False
     _structure: Any = field(default=None, repr=False)
@@ -72,6 +73,7 @@ def solve_op(request: Request, flat0: Tensor) -> LoopOutput:
             independent_samples=request.independent_samples,
             host_reads=request.host_reads,
             record_at=request.record_at,
+            keep_state=request.keep_state,
         )
         request.out = out
         if not (_compiling() and _reads_nothing(request)):
@@ -85,8 +87,11 @@ def solve_op(request: Request, flat0: Tensor) -> LoopOutput:
     assert solved is not None
     out = solved
     z, status, n_steps, residual, rate, fz, *rest = outputs
-    states = tuple(rest[: len(out.states)])
-    trace = rest[len(out.states)] if out.trace is not None else None
+    n_states = len(out.states)
+    states = tuple(rest[:n_states])
+    keys = () if out.solver_state is None else tuple(out.solver_state)
+    kept = dict(zip(keys, rest[n_states : n_states + len(keys)], strict=True))
+    trace = rest[-1] if out.trace is not None else None
     return LoopOutput(
         z=z,
         status=status,
@@ -97,12 +102,14 @@ def solve_op(request: Request, flat0: Tensor) -> LoopOutput:
         rate=rate,
         states=states,
         fz=None if request.vmapped or out.fz is None else fz,
+        solver_state=kept if keys else None,
     )
 
 
 class _Solve(torch.autograd.Function):
-    """The solve: outputs ``(z, status, n_steps, residual, rate, fz, *states[, trace])``, none
-    of them differentiable."""
+    """The solve: outputs ``(z, status, n_steps, residual, rate, fz, *states, *kept[, trace])``
+    (``kept``: the solver's memory kept for its inverse estimate), none of them
+    differentiable."""
 
     @staticmethod
     def forward(flat0: Tensor, request: Request, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -114,6 +121,7 @@ class _Solve(torch.autograd.Function):
             independent_samples=request.independent_samples,
             host_reads=request.host_reads,
             record_at=request.record_at,
+            keep_state=request.keep_state,
         )
         request.out = out
         # Plain tensors here (under vmap too: the rule below folds first): the policies can
@@ -121,8 +129,19 @@ class _Solve(torch.autograd.Function):
         apply_policies(out, f_flat, request.solver)
         request.f_flat.aux = f_flat.aux
         fz = out.fz if out.fz is not None else out.z
+        kept = () if out.solver_state is None else tuple(out.solver_state.values())
         extra = () if out.trace is None else (out.trace,)
-        return (out.z, out.status, out.n_steps, out.residual, out.rate, fz, *out.states, *extra)
+        return (
+            out.z,
+            out.status,
+            out.n_steps,
+            out.residual,
+            out.rate,
+            fz,
+            *out.states,
+            *kept,
+            *extra,
+        )
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:

@@ -407,6 +407,42 @@ def test_anderson_ridge_stays_relative_to_each_residual():
         assert result.converged.all() and result.n_f_evals <= 7
 
 
+def _robertson_steps():
+    """Implicit-midpoint steps of the Robertson kinetics (rates 0.04, 3e7, 1e4, step 1e-8) from
+    states with b from 1e-7 to 1e-2, the state a pytree (a, b, c): Picard contracts by 1e-4
+    or more per evaluation and reaches the float64 fixed point in 4 to 8."""
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for log_b in (-7.1, -5.2, -4.7, -3.4, -2.2):
+        y0 = (
+            torch.rand(4, 1, generator=gen, dtype=F64),
+            10 ** (log_b + 0.3 * torch.randn(4, 1, generator=gen, dtype=F64)),
+            torch.rand(4, 1, generator=gen, dtype=F64),
+        )
+
+        def f(y, y0=y0):
+            a, b, c = (0.5 * (p + q) for p, q in zip(y0, y, strict=True))
+            rates = (-0.04 * a + 1e4 * b * c, 0.04 * a - 3e7 * b**2 - 1e4 * b * c, 3e7 * b**2)
+            return tuple(p + 1e-8 * r for p, r in zip(y0, rates, strict=True))
+
+        cases.append(pytest.param(f, y0, id=f"b=1e{log_b}"))
+    return cases
+
+
+@pytest.mark.parametrize(("f", "y0"), _robertson_steps())
+@pytest.mark.parametrize("rtol", [1e-15, 1e-300])
+def test_anderson_takes_picard_s_steps_at_the_round_off_floor(f, y0, rtol):
+    # Solved to the last bit (rtol 1e-300: the float64 fixed point itself), the secants of the
+    # last steps are rounding noise: extrapolating from them cost Anderson up to 4 evaluations
+    # more than Picard; at the round-off floor it takes the plain step, as Picard does.
+    options = {"max_iter": 100, "atol": 0.0, "rtol": rtol}
+    for z0 in (y0, tuple(torch.zeros_like(p) for p in y0)):
+        picard = il.fixed_point(f, z0, solver=il.Picard(**options))
+        anderson = il.fixed_point(f, z0, solver=il.Anderson(**options))
+        assert picard.converged.all() and anderson.converged.all()
+        assert anderson.n_f_evals <= picard.n_f_evals + 1 <= 10
+
+
 def _history(solver, residual_scale):
     """Two steps on a scalar-like map, then an iterate whose residual is ``residual_scale``
     times the last one: returns the state, that iterate, f of it and the last (z, f(z))."""

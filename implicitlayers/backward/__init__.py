@@ -10,15 +10,18 @@ from ._jfb import JFB
 from ._names import BACKWARDS
 from ._neumann import Neumann
 from ._phantom import NeumannPhantom, PhantomGradient
+from ._shine import SHINE, SHINEResult
 
 __all__ = [
     "BACKWARDS",
     "JFB",
     "JVP",
+    "SHINE",
     "VJP",
     "AbstractBackward",
     "ImplicitDifferentiation",
     "Neumann",
     "NeumannPhantom",
     "PhantomGradient",
+    "SHINEResult",
 ]

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._repr import compact_repr
 from .._result import SolverResult
+from ..solvers._estimate import InverseEstimate
 from ._functions import Attach, Link, OnResult, ValueOfFirst, functorch_active
 from ._second_order import exact_second_order
 
@@ -100,6 +101,20 @@ class AbstractBackward(abc.ABC):
         r"""Whether :math:`u` is the exact :math:`(I - J^\top)^{-1} g`, so that second-order
         gradients must see :math:`z^\star` move with the inputs (see :meth:`attach`)."""
         return False
+
+    @property
+    def uses_estimate(self) -> bool:
+        r"""Whether the rule uses the forward solver's estimate of :math:`(I - J)^{-1}`
+        (:class:`~implicitlayers.solvers.InverseEstimate`): then :class:`~implicitlayers.DEQ`
+        asks the solve to keep it and attaches through :meth:`with_estimate`'s rule."""
+        return False
+
+    def with_estimate(self, estimate: InverseEstimate | None) -> AbstractBackward:
+        """This rule holding the forward solver's ``estimate`` at one solution (``None``: the
+        solver gave none) for its :meth:`adjoint` and :meth:`tangent`:
+        :class:`~implicitlayers.DEQ` attaches each solution through it. The default ignores
+        it; a rule whose :attr:`uses_estimate` is true returns a copy that holds it."""
+        return self
 
     def attach(
         self,

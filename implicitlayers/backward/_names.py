@@ -12,6 +12,7 @@ from ._implicit import ImplicitDifferentiation
 from ._jfb import JFB
 from ._neumann import Neumann
 from ._phantom import PhantomGradient
+from ._shine import SHINE
 
 #: The names the string forms accept, and the class each names (read-only).
 BACKWARDS: Mapping[str, type[AbstractBackward]] = MappingProxyType(
@@ -20,6 +21,7 @@ BACKWARDS: Mapping[str, type[AbstractBackward]] = MappingProxyType(
         "neumann": Neumann,
         "implicit": ImplicitDifferentiation,
         "phantom": PhantomGradient,
+        "shine": SHINE,
     }
 )
 

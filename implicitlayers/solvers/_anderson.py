@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from .._validate import check_float, check_int
 from ._base import AbstractSolver, SolverState, combine, dots, history_buffer
+from ._estimate import InverseEstimate, low_rank
 
 __all__ = ["Anderson"]
 
@@ -78,6 +80,8 @@ class Anderson(AbstractSolver):
     regularization: float = 1e-6
     safeguard: bool = True
 
+    estimate_keys: ClassVar[tuple[str, ...]] = ("X", "G", "system")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("history_size", self.history_size, minimum=1)
@@ -85,6 +89,44 @@ class Anderson(AbstractSolver):
         check_float("regularization", self.regularization, low=0.0)
         if not isinstance(self.safeguard, bool):
             raise TypeError(f"safeguard must be a bool, got {self.safeguard!r}")
+
+    def inverse_estimate(self, state: SolverState) -> InverseEstimate:
+        r"""The multisecant estimate of Anderson's history (Anderson mixing is a multisecant
+        quasi-Newton method, Fang & Saad 2009): with :math:`\Delta F` and :math:`\Delta G`
+        the differences of the stored :math:`f(z_i)` and :math:`g_i` from one stored pair,
+
+        .. math::
+
+            (I - J)^{-1} \approx I - \Delta F\, (\Delta G^\top \Delta G + \lambda D)^{-1}
+                \Delta G^\top,
+
+        the smallest change of the Picard step's :math:`I` that maps every secant
+        :math:`\Delta G` as :math:`(I - J)^{-1}` does on an affine map
+        (:math:`D = \operatorname{diag}(\Delta G^\top \Delta G)`, :math:`\lambda` a hundred
+        times the dtype's epsilon: the step's ``regularization`` steadies the mix, but here it
+        would bias the estimate by as much). Exact on the span of the secants, the identity
+        across it: with ``history_size`` above the state's size, exact on an affine map once
+        the history spans it."""
+        X, G, system = state["X"], state["G"], state["system"]
+        batch, m, n = G.shape
+        valid = system[:, 0, 1:] == 1.0  # a pair since the last restart (its border)
+        F = X if self.mixing == 1.0 else X + (1.0 - self.mixing) * G  # f_i = z_i + g_i
+        # The differences from the first valid pair (any one gives the same estimate).
+        ref = valid.to(torch.uint8).argmax(dim=1)
+        pick = ref[:, None, None].expand(batch, 1, n)
+        dF = F - torch.gather(F, 1, pick)
+        dG = G - torch.gather(G, 1, pick)
+        use = valid & (torch.arange(m, device=G.device)[None, :] != ref[:, None])
+        dF = torch.where(use[:, :, None], dF, 0.0)
+        dG = torch.where(use[:, :, None], dG, 0.0)
+        gram = dG @ dG.transpose(1, 2)
+        diag = gram.diagonal(dim1=1, dim2=2)
+        use = use & (diag > 0)  # a repeated pair is no secant
+        ridge = 100 * torch.finfo(G.dtype).eps
+        # Unused slots: a unit diagonal (and zero secants), so their coefficients are 0.
+        gram = gram + torch.diag_embed(torch.where(use, ridge * diag, 1.0))
+        right = torch.linalg.solve_ex(gram, dG)[0]
+        return low_rank(-dF, right, use)
 
     def init(self, z: Tensor) -> SolverState:
         batch = z.shape[0]
@@ -105,6 +147,9 @@ class Anderson(AbstractSolver):
             # ||g||^2 of the base of an extrapolated iterate; inf for a plain one (never
             # rejected).
             "bar": torch.full((batch,), float("inf"), dtype=z.dtype, device=z.device),
+            # ||g||^2 at the round-off floor: (a few epsilons of ||f(z_0)||)^2, set by the
+            # first step.
+            "floor": torch.zeros(batch, dtype=z.dtype, device=z.device),
             # Constants, as batch-sized views of one matrix (no memory): building them on
             # every step would cost a handful of operations per iteration.
             **_constants(z, m, self.regularization),
@@ -156,20 +201,31 @@ class Anderson(AbstractSolver):
         # broken-down system takes the plain step from the newest pair. Both are one-hot
         # weights, so the mix below makes every step: no separate full-state pass.
         newest = eye[:, slot, :used]
+        # At the round-off floor (a residual within a few epsilons of f(z)), the secants are
+        # rounding noise and an extrapolation only adds more: the plain step, as Picard's.
+        # The scale is f's at the start, measured once per solve.
+        floor = state["floor"]
+        if iteration == 0:
+            floor = torch.linalg.vecdot(fz, fz).mul_((_FLOOR * torch.finfo(fz.dtype).eps) ** 2)
+        noise = res <= floor
         if self.safeguard and m > 1:
             reject = res > state["bar"]
             fallback = torch.where(reject[:, None], eye[:, (slot - 1) % m, :used], newest)
-            plain = reject | bad
+            plain = reject | bad | noise
         else:
-            fallback, plain = newest, bad
+            fallback, plain = newest, bad | noise
         weights = torch.where(plain[:, None], fallback, alpha)
         z_next = combine(weights, X)
         # The next iterate is extrapolated (so tested) unless it is a plain step.
         bar = torch.where(plain | state["fresh"], float("inf"), res)
         # A broken-down sample restarts its history.
         system = torch.where(bad.view(-1, 1, 1), state["empty"], system)
-        new_state = {**state, "system": system, "fresh": bad, "bar": bar}
+        new_state = {**state, "system": system, "fresh": bad, "bar": bar, "floor": floor}
         return z_next, new_state, bad
+
+
+#: The round-off floor: a residual at most this many epsilons of ``||f(z_0)||`` (l2) is noise.
+_FLOOR = 2.0
 
 
 def _batched_copy(z: Tensor, constant: Tensor) -> Tensor:

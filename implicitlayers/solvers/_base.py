@@ -6,13 +6,16 @@ import abc
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from .._repr import compact_repr
 from .._validate import Policy, check_budget, check_choice, check_float, check_int
+
+if TYPE_CHECKING:
+    from ._estimate import InverseEstimate
 
 __all__ = ["AbstractSolver", "SolverState"]
 
@@ -97,6 +100,12 @@ class AbstractSolver(abc.ABC):
     check_every: int = 1
     trace: bool = False
 
+    #: The entries of the state that :meth:`inverse_estimate` reads; empty for a solver that
+    #: gives no estimate. A solve whose backward rule asks for the estimate keeps a copy of
+    #: these entries for each sample as it stops (before a frozen sample's memory is
+    #: overwritten by the steps the other samples still take).
+    estimate_keys: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         _check_shared_options(self)
 
@@ -146,6 +155,17 @@ class AbstractSolver(abc.ABC):
             (their memory should already be restarted), or ``None`` for a solver that has no
             internal system to break down.
         """
+
+    def inverse_estimate(self, state: SolverState) -> InverseEstimate | None:
+        r"""The solver's estimate of :math:`(I - J)^{-1}` from its memory at a sample's last
+        iterate, for :class:`~implicitlayers.SHINE`; ``None`` (the default) for a solver whose
+        memory holds none.
+
+        Args:
+            state: The entries :attr:`estimate_keys` of the solver's state, each sample's as it
+                stopped. Called once per forward pass, outside the iterations.
+        """
+        return None
 
 
 def _check_shared_options(solver: AbstractSolver) -> None:

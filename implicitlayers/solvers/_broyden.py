@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from .._validate import check_int
 from ._base import AbstractSolver, SolverState, combine, dots, history_buffer
+from ._estimate import InverseEstimate, low_rank
 
 __all__ = ["Broyden"]
 
@@ -53,9 +55,20 @@ class Broyden(AbstractSolver):
 
     history_size: int = 10
 
+    estimate_keys: ClassVar[tuple[str, ...]] = ("U", "V", "count")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("history_size", self.history_size, minimum=1)
+
+    def inverse_estimate(self, state: SolverState) -> InverseEstimate:
+        r"""Broyden's inverse estimate :math:`H = -I + \sum_i u_i v_i^\top \approx (J - I)^{-1}`
+        as :math:`(I - J)^{-1} \approx -H = I - \sum_i u_i v_i^\top`: the stored updates
+        (a restarted memory holds fewer, an empty one gives :math:`I`, which is JFB)."""
+        m = self.history_size
+        U, V, count = state["U"][:, :m], state["V"][:, :m], state["count"]
+        valid = torch.arange(m, device=count.device)[None, :] < count[:, None]
+        return low_rank(-U, V, valid)
 
     def init(self, z: Tensor) -> SolverState:
         batch = z.shape[0]

@@ -67,7 +67,10 @@ class LoopOutput:
     """Flat outcome of :func:`run_loop`.
 
     ``fz`` is ``f`` at the returned batch when the loop evaluated exactly that batch last
-    (every path that evaluates the whole batch), else ``None``.
+    (every path that evaluates the whole batch), else ``None``. ``solver_state``: with
+    ``keep_state``, the entries :attr:`~AbstractSolver.estimate_keys` of the solver's memory,
+    each sample's as it stopped (its last iteration's for a sample that ran out), else
+    ``None``.
     """
 
     z: Tensor
@@ -79,6 +82,7 @@ class LoopOutput:
     rate: Tensor
     states: tuple[Tensor, ...] = ()
     fz: Tensor | None = None
+    solver_state: SolverState | None = None
 
 
 class _Rows:
@@ -116,6 +120,10 @@ class _Rows:
         # Reads flags on the host; under torch.compile through a function dynamo does not
         # trace, so that a read breaks the graph without a warning about it.
         self.read = _read_traced if _tracing() else _read
+        # The entries of the solver's memory kept per sample as it stops (keep_state), and
+        # the copy (None until a sample stops).
+        self.keep_keys: tuple[str, ...] = ()
+        self.kept: SolverState | None = None
 
 
 def run_loop(
@@ -126,6 +134,7 @@ def run_loop(
     independent_samples: bool = False,
     host_reads: bool | None = None,
     record_at: tuple[int, ...] = (),
+    keep_state: bool = False,
 ) -> LoopOutput:
     """Iterate ``solver`` on the flat map ``f`` from ``z0`` of shape ``(B, n)``.
 
@@ -162,8 +171,17 @@ def run_loop(
     evaluated on at iteration :math:`k`, :math:`z_0` the start) is kept in ``states``; a row
     that stopped before :math:`k`, or a :math:`k` the solve did not reach, contributes its
     returned iterate. Memory: one state per entry, whatever ``max_iter`` is.
+
+    ``keep_state`` keeps the entries :attr:`~AbstractSolver.estimate_keys` of the solver's
+    memory of each sample as it stops (``LoopOutput.solver_state``), for the solver's
+    :meth:`~AbstractSolver.inverse_estimate`: a frozen sample is still stepped with the
+    others, which would overwrite its memory. It costs one copy of those entries and, in an
+    iteration where samples stop (every iteration on the sync-free path), one merge; nothing
+    without it.
     """
     r = _Rows(solver, z0)
+    if keep_state:
+        r.keep_keys = tuple(solver.estimate_keys)
     if independent_samples:
         _check_solver_state(solver, r.state, z0.shape[0])
         return _run_running_rows(r, f, solver, record_at)
@@ -173,6 +191,8 @@ def run_loop(
         trace, recorded, n_f_evals = _run_with_reads(r, f, solver, record_at)
     else:
         trace, recorded, n_f_evals = _run_chunked(r, f, solver, record_at)
+    if r.keep_keys:  # the samples still running keep their last memory
+        _keep_state(r, r.active, final=True)
     # One chunk of the whole budget reads nothing on the host, and its end reads nothing
     # either: it evaluates the returned batch whether or not it was evaluated last.
     read = host_reads or solver.check_every < solver.max_iter
@@ -235,6 +255,8 @@ def _update(
             r.limit = torch.where(revived, limit, r.limit)
         best_res = torch.where(held & converged, res, best_res)
     stopping = active & ~running
+    if r.keep_keys:
+        _keep_state(r, stopping)
     if r.prev is not None and (not reads or r.read(stopping.any())):
         prev_z, prev_fz = r.prev
         num = torch.linalg.vector_norm(r.fz - prev_fz, dim=1)
@@ -263,6 +285,24 @@ def _update(
             r.active = None
     r.best_z = z if best_is_z else torch.where(better[:, None], z, r.best_z)
     return any_active
+
+
+def _keep_state(r: _Rows, rows: Tensor | None, *, final: bool = False) -> None:
+    """Keep the solver's memory (the entries ``r.keep_keys``) of ``rows`` (``None``: all) in
+    ``r.kept``; ``final``: after the last step (no copy needed)."""
+    kept, state = r.kept, r.state
+    new: SolverState = {}
+    for k in r.keep_keys:
+        value = state[k]
+        if kept is None:
+            # A copy while steps follow (solvers update their memory in place); the rows not
+            # in ``rows`` are written again when they stop, or at the end.
+            new[k] = value if final else value.clone()
+        elif rows is None:
+            new[k] = value
+        else:
+            new[k] = torch.where(rows.view(-1, *([1] * (value.dim() - 1))), value, kept[k])
+    r.kept = new
 
 
 def _keep_best(r: _Rows, res: Tensor, better: Tensor, every_row_better: bool) -> None:
@@ -420,7 +460,9 @@ def _run_running_rows(
     ``f``), so ``check_every`` does not apply.
     """
     z0 = r.z
-    out = _Retired(r)
+    # Each sample's memory is written out as it retires (the running rows are compacted).
+    keys, r.keep_keys = r.keep_keys, ()
+    out = _Retired(r, keys)
     trace: list[Tensor] = []
     recorded: dict[int, Tensor] = {}
     k = 0
@@ -450,14 +492,16 @@ def _run_running_rows(
         out.rate,
         out.broke,
     )
+    r.kept = out.kept if keys else None
     return _output(r, solver, z0, out.best_z, trace, recorded, n_f_evals, record_at, fz=None)
 
 
 class _Retired:
     """The whole batch's results, written row by row as rows leave the running set."""
 
-    def __init__(self, r: _Rows) -> None:
+    def __init__(self, r: _Rows, keys: tuple[str, ...] = ()) -> None:
         self.best_z = torch.empty_like(r.z)  # every row is written when it stops or at the end
+        self.kept: SolverState = {k: torch.empty_like(r.state[k]) for k in keys}
         self.status = r.status.clone()
         self.n_steps = r.n_steps.clone()
         self.best_res = r.best_res.clone()
@@ -478,6 +522,8 @@ class _Retired:
         self.rate[rows] = r.rate[done]
         if r.broke is not None:
             self.broke[rows] = r.broke[done]
+        for k, kept in self.kept.items():
+            kept[rows] = r.state[k][done]
         # The running rows, compacted (the best iterate still aliases z where it did).
         aliased = r.best_z is r.z
         r.idx = keep.nonzero().squeeze(1) if r.idx is None else r.idx[keep]
@@ -603,6 +649,7 @@ def _output(
         rate=r.rate,
         states=tuple(recorded.get(k, returned) for k in record_at),
         fz=fz,
+        solver_state=r.kept,
     )
 
 
