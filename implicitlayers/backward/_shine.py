@@ -38,10 +38,9 @@ class SHINEResult(SolverResult):
     Attributes:
         used_estimate: ``(B,)`` bool: :math:`u` is the estimate :math:`M^\top g` itself.
         fell_back: ``(B,)`` bool: the estimate was poor (or missing) and :math:`u` comes from
-            the exact solve.
+            the exact solve (with ``refine=True``: from the solve without the estimate).
         estimate_residual: ``(B,)`` the estimate's relative adjoint residual
-            :math:`\|g - (I - J^\top) M^\top g\| / \|g\|` (NaN where it was not measured:
-            ``refine=True``, or no estimate).
+            :math:`\|g - (I - J^\top) M^\top g\| / \|g\|` (NaN without an estimate).
     """
 
     used_estimate: Tensor | None = None
@@ -76,8 +75,10 @@ class SHINE(AbstractBackward):
     residual is below :math:`\|g\|`). With ``refine=True`` the estimate is not returned as it
     is but preconditions the exact solve: GMRES on :math:`(I - J^\top) M^\top y = g`,
     :math:`u = M^\top y`, which minimises the same true residual and converges in fewer VJPs
-    when :math:`M` captures the slow directions (a sample that does not converge falls back to
-    the unpreconditioned solve). ``DEQ.last_backward_result`` reports per sample which way
+    when :math:`M` captures the slow directions. A sample whose estimate is worse than none
+    (:math:`\rho \ge 1`) is solved without it, one the preconditioned solve broke down on
+    goes on without it from where it got, and the whole costs at most the solver's
+    ``max_iter`` VJPs and one. ``DEQ.last_backward_result`` reports per sample which way
     was taken and the measured residual (:class:`SHINEResult`).
 
     Memory stays that of the forward solver's history (two ``(B, k, n)`` tensors), whatever
@@ -197,15 +198,7 @@ class SHINE(AbstractBackward):
             u, result = self._exact(product, g, None, sync_free)
             return u, self._report(result, no, ~no, nan, sync_free)
         if self.refine:
-            u, result = self._exact(product, g, apply, sync_free)
-            # Samples the preconditioned solve left unconverged: the plain solve.
-            failed = ~result.converged
-            if sync_free or bool(failed.any()):
-                rhs = torch.where(failed[:, None], g, 0.0)
-                plain, again = self._exact(product, rhs, None, sync_free)
-                u = torch.where(failed[:, None], plain, u)
-                result = _merge(result, again, failed)
-            return u, self._report(result, no, failed, nan, sync_free)
+            return self._refine(product, apply, g, g_norm, sync_free)
         u = apply(g)
         residual_vec = g - u + product(u)
         residual = torch.linalg.vector_norm(residual_vec.detach().to(work), dim=1)
@@ -254,6 +247,54 @@ class SHINE(AbstractBackward):
         )
         return u, self._report(checked, accepted, poor, rho, sync_free)
 
+    def _refine(
+        self,
+        product: Callable[[Tensor], Tensor],
+        apply: Callable[[Tensor], Tensor],
+        g: Tensor,
+        g_norm: Tensor,
+        sync_free: bool,
+    ) -> tuple[Tensor, SHINEResult]:
+        """``refine=True``: one GMRES solve, preconditioned by the estimate on the samples
+        where it is better than none; a sample it broke down on goes on without it, from its
+        best iterate, with the budget left. At most the solver's ``max_iter`` VJPs and one."""
+        batch = g.shape[0]
+        with torch.no_grad():  # the estimate's residual: one VJP
+            u0 = apply(g)
+            rho = torch.linalg.vector_norm((g - u0 + product(u0)).to(g_norm.dtype), dim=1)
+            rho = rho / g_norm
+        # A preconditioner whose own answer is worse than none (rho >= 1, or NaN) is not used.
+        usable = rho < 1.0
+        rows = usable[:, None]
+
+        def chosen(y: Tensor) -> Tensor:
+            return torch.where(rows, apply(y), y)
+
+        u, result = self._exact(product, g, chosen, sync_free)
+        checked = SolverResult(
+            z=u,
+            status=result.status,
+            converged=result.converged,
+            n_steps=result.n_steps + 1,
+            residual=result.residual,
+            n_f_evals=result.n_f_evals + 1,
+            linear=True,
+        )
+        failed = usable & ~result.converged
+        again = None
+        if not sync_free and bool(failed.any()):
+            left = self.solver.max_iter - int(result.n_steps[failed].max())
+        if not sync_free and bool(failed.any()) and left >= 2:
+            solver = dataclasses.replace(self.solver, max_iter=left)
+            rhs = torch.where(failed[:, None], g, 0.0)
+            start = torch.where(failed[:, None], u, 0.0)
+            plain, again = self._exact(product, rhs, None, sync_free, x0=start, solver=solver)
+            u = torch.where(failed[:, None], plain, u)
+            checked = _merge(checked, again, failed)
+        fell_back = ~usable | (failed if again is not None else torch.zeros_like(failed))
+        no = torch.zeros(batch, dtype=torch.bool, device=g.device)
+        return u, self._report(checked, no, fell_back, rho, sync_free)
+
     def _exact(
         self,
         product: Callable[[Tensor], Tensor],
@@ -261,9 +302,10 @@ class SHINE(AbstractBackward):
         apply: Callable[[Tensor], Tensor] | None,
         sync_free: bool,
         x0: Tensor | None = None,
+        solver: AbstractLinearSolver | None = None,
     ) -> tuple[Tensor, SolverResult]:
-        r"""GMRES on :math:`(I - A) v = g`, right-preconditioned by ``apply`` when given
-        (:math:`(I - A) M y = g`, :math:`v = M y`), from ``x0``; the caller's policy applied."""
+        r"""GMRES (``solver``, default the rule's) on :math:`(I - A) v = g`, right-preconditioned
+        by ``apply`` when given (:math:`(I - A) M y = g`, :math:`v = M y`), from ``x0``."""
         work = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
 
         def operator(v: Tensor) -> Tensor:
@@ -277,7 +319,8 @@ class SHINE(AbstractBackward):
 
         with torch.no_grad():
             start = None if x0 is None else x0.to(work)
-            result = self.solver.solve(matvec, g.to(work), start, host_reads=not sync_free)
+            solver = self.solver if solver is None else solver
+            result = solver.solve(matvec, g.to(work), start, host_reads=not sync_free)
             v = result.z if apply is None else apply(result.z.to(g.dtype)).to(work)
         result = dataclasses.replace(result, z=v.to(g.dtype))
         return result.z, result
