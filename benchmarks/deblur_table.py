@@ -9,9 +9,10 @@ training each); the rules are trained interleaved, one epoch of each in turn, so
 in machine load falls on all of them alike. The test split is read once, at the end.
 
 Per row: PSNR in both conventions, SSIM; per learned row also forward iterations per test
-image, the converged fraction, the adjoint's convergence (implicit), VJPs per step, seconds
-per epoch, training wall time and peak memory per step (``benchmarks/_memory.py``: CUDA's
-``max_memory_allocated``, or the resident set's high-water mark on the CPU). Written to
+image, the converged fraction, PSNR and convergence when solved on to ``--tight-rtol`` (a true
+equilibrium changes by nothing), the spectral radius of :math:`J_T` at the fixed points, the
+adjoint's convergence (implicit), VJPs per step (from the rule and the log), seconds per
+epoch and training wall time (the ``sec_per_step`` the flagship logs). Written to
 ``--out``: ``results.json``, ``results.md`` (the paper's numbers beside ours) and
 ``reconstructions.png``.
 
@@ -29,8 +30,6 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,6 @@ from deblur import cli, ddp, report, state  # noqa: E402
 from deblur.cli import Command, arg  # noqa: E402
 from deblur.data import TEST_SEED, image_seeds, load, make_splits, shard  # noqa: E402
 
-from benchmarks._memory import CallCounter, PeakMemory  # noqa: E402
 from implicitlayers.backward import BACKWARDS  # noqa: E402
 from implicitlayers.imaging import pnp_deblur, tv_deblur  # noqa: E402
 
@@ -75,7 +73,6 @@ class TableOptions:
     time_budget: float | None = arg(None, "seconds of training per rule (default: the epochs)")
     turn_steps: int | None = arg(None, "steps per rule in turn (default: an epoch)", low=1)
     resume: bool = arg(False, "continue the run in --out")
-    radius_images: int = arg(8, "test images whose rho(J_T) is estimated per learned row", low=1)
     tune_limit: int = arg(64, "validation images the baselines are tuned on")
     no_progress: bool = arg(False, "hide progress bars")
     quiet: bool = arg(False, "print only warnings and the table")
@@ -107,42 +104,6 @@ def tune(A: Any, x: torch.Tensor, d: torch.Tensor, denoiser: Any) -> dict[str, A
         "pnp": {"strength": strength, "step_size": step, "iters": iters},
         "pnp_val_psnr_standard": pnp[strength, step, iters],
     }
-
-
-@contextmanager
-def measured(
-    model: Any, device: torch.device, spent: list[float], limit: float | None, stop: state.StopFlag
-) -> Iterator[dict[str, Any]]:
-    """Around one training step: peak memory, VJPs through the cell, and the time budget
-    (``spent[0]``: this rule's training seconds so far)."""
-    counter, tic = CallCounter(model.f), time.perf_counter()
-    extra: dict[str, Any] = {}
-    try:
-        with PeakMemory(device) as peak:
-            yield extra
-    finally:
-        counter.remove()
-    extra |= {"vjps": counter.reverse_calls, "peak_bytes": peak.peak_bytes}
-    spent[0] += time.perf_counter() - tic
-    if limit is not None and spent[0] >= limit:
-        stop.reason = f"--time-budget {limit:g} s spent"
-
-
-def contraction(
-    model: Any, s: Any, images: Any, ctx: ddp.Context, count: int
-) -> dict[str, list[float]]:
-    """The spectral radius of :math:`J_T` at the fixed points of the first ``count`` test
-    images (whole), and whether each estimate settled: near or above 1, :math:`I - J_T` is
-    nearly singular and the exact rule's adjoint :math:`(I - J_T^\top) u = g` ill-conditioned."""
-    index = list(range(min(count, len(images))))
-    x = torch.stack([images[i] for i in index]).to(ctx.device)
-    cell = flagship.cell_of(model)
-    d = flagship.measure(cell.operator, x, image_seeds(TEST_SEED, "test", 0, index), s.noise_std)
-    solver = flagship.make_solver(s, s.eval_max_iter)
-    with torch.no_grad():
-        z0 = cell.initial_point(d, method="cg")
-        probe = model(d, z0, z0=z0, solver=solver, spectral_radius=True).spectral_radius
-    return {"radius": probe.radius.tolist(), "radius_settled": probe.converged.float().tolist()}
 
 
 def resumed(folder: Path, resume: bool) -> dict[str, Any] | None:
@@ -209,8 +170,8 @@ def run(opts: TableOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     # The learned rows: the same start, data and schedule, trained in turns of --turn-steps
     # steps (default: an epoch), so that a change in machine load falls on all of them alike.
     per_epoch = len(shard(splits.train, s.batch_size, ctx, s.seed))
-    spent = {rule: [training_seconds(out / rule)] for rule in opts.rules}
-    pending = [rule for rule in opts.rules if not finished(out / rule, spent[rule][0], opts)]
+    spent = {rule: training_seconds(out / rule) for rule in opts.rules}
+    pending = [rule for rule in opts.rules if not finished(out / rule, spent[rule], opts)]
     while pending:
         for rule in list(pending):
             folder, rule_s, stop = (
@@ -219,19 +180,22 @@ def run(opts: TableOptions, overrides: dict[str, Any]) -> dict[str, Any]:
                 state.StopFlag(),
             )
             begin = resumed(folder, True) or start
-            done_steps = begin["progress"].get("global_step", 0)
-            turn = dataclasses.replace(
-                run_opts, max_steps=done_steps + (opts.turn_steps or per_epoch)
+            done_steps, steps = (
+                begin["progress"].get("global_step", 0),
+                opts.turn_steps or per_epoch,
             )
-
-            def hook(model: Any, rule: str = rule, stop: state.StopFlag = stop) -> Any:
-                return measured(model, ctx.device, spent[rule], opts.time_budget, stop)
+            if opts.time_budget is not None:  # one step to time, then what the budget allows
+                per_step = spent[rule] / max(done_steps, 1) or float("inf")
+                left = (opts.time_budget - spent[rule]) / per_step
+                steps = max(1, min(steps, round(left))) if done_steps else 1
+            turn = dataclasses.replace(run_opts, max_steps=done_steps + steps)
 
             with state.stop_on_signals(stop):  # Ctrl-C or SIGTERM: checkpoint, then stop
-                flagship.train(rule_s, splits, folder, ctx, turn, start=begin, stop=stop, hook=hook)
+                flagship.train(rule_s, splits, folder, ctx, turn, start=begin, stop=stop)
             if stop.reason in ("SIGINT", "SIGTERM"):
                 raise cli.SettingsError(f"stopped by {stop.reason}; continue with --resume")
-            if finished(folder, spent[rule][0], opts):
+            spent[rule] = training_seconds(folder)
+            if finished(folder, spent[rule], opts):
                 pending.remove(rule)
 
     # The test split, once: identical measurements for every row.
@@ -241,13 +205,17 @@ def run(opts: TableOptions, overrides: dict[str, Any]) -> dict[str, Any]:
         weights = "last.pt" if opts.time_budget else "best.pt"  # equal time: the final weights
         _, rule_s, model = flagship.load_model(out / rule / weights, {})
         flagship.fit_norms(model, (s.image_size,) * 2, training=False)
-        result = flagship.evaluate(model, rule_s, splits.test, ctx, keep=s.figure_samples)
+        result = flagship.evaluate(
+            model, rule_s, splits.test, ctx, keep=s.figure_samples, radius=s.radius_images
+        )
         for name in ("measurement", "tikhonov_cg"):
             rows[name] = {k.split("/")[1]: v for k, v in result.items() if k.startswith(name + "/")}
             images[name] = result[f"image/{name}"]
         rows[rule] = {k.split("/")[1]: v for k, v in result.items() if k.startswith("degrad/")}
-        rows[rule] |= {"iterations": result["iterations"], "converged": result["converged"]}
-        rows[rule] |= contraction(model, rule_s, splits.test, ctx, opts.radius_images)
+        for key in ("iterations", "converged", "radius", "radius_settled"):
+            rows[rule][key] = result[key]
+        tight = {k: v for k, v in result.items() if k.startswith("tight/")}
+        rows[rule] |= {k.replace("/", "_"): v for k, v in tight.items()}
         images[rule], images["x"] = result["image/degrad"], result["image/x"]
     for name in ("tv", "pnp"):
         rows[name] = {"psnr_standard": [], "psnr_paper": [], "ssim": []}
@@ -297,7 +265,7 @@ def summarize(
             adjoint = [
                 r["backward_converged"] for r in steps if r["backward_converged"] is not None
             ]
-            peaks = [r["peak_bytes"] for r in steps if r.get("peak_bytes") is not None]
+            adjoint_iters = [r["backward_iters"] or 0 for r in steps]
             row |= {
                 "forward_iterations": statistics.fmean(values["iterations"]),
                 "radius_mean": statistics.fmean(values["radius"]),
@@ -305,22 +273,28 @@ def summarize(
                 "radius_settled": statistics.fmean(values["radius_settled"]),
                 "converged_fraction": statistics.fmean(values["converged"]),
                 "adjoint_converged": statistics.fmean(adjoint) if adjoint else None,
-                "vjps_per_step": statistics.fmean(r["vjps"] for r in steps),
+                "vjps_per_step": vjps(s, name, statistics.fmean(adjoint_iters)),
+                "tight_psnr_standard": statistics.fmean(values["tight_psnr_standard"]),
+                "tight_converged": statistics.fmean(values["tight_converged"]),
                 "seconds_per_epoch": statistics.fmean(seconds) * per_epoch,
                 "training_seconds": sum(seconds),
                 "steps": len(steps),
                 "epochs": len(steps) / per_epoch,
-                "peak_mib": max(peaks) / 2**20 if peaks else None,
             }
         if name in PAPER_ROWS:
             row["paper"] = PAPER_TABLE[PAPER_ROWS[name]]
         table[name] = row
-    cuda = s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available())
-    memory = "CUDA max_memory_allocated" if cuda else "peak resident set above the step's (VmHWM)"
     results: dict[str, Any] = {"settings": dataclasses.asdict(s), "rules": list(opts.rules)}
     results |= {"tuned": tuned}
-    results |= {"radius_images": opts.radius_images, "time_budget": opts.time_budget}
-    return results | {"table": table, "memory": memory}
+    results |= {"radius_images": s.radius_images, "time_budget": opts.time_budget}
+    return results | {"table": table}
+
+
+def vjps(s: Any, rule: str, adjoint_iterations: float) -> float:
+    """VJPs through the cell per training step: one to attach the fixed point, plus the rule's
+    (a Neumann series' terms, the phantom gradient's steps less one, GMRES's iterations)."""
+    extra = {"neumann": s.neumann_terms, "phantom": s.neumann_terms - 1}
+    return 1.0 + (adjoint_iterations if rule == "implicit" else extra.get(rule, 0))
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -350,22 +324,28 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([*cells, f"{row['ssim']:.3f}", paper]) + " |")
     lines += ["", "(paper: the paper's PSNR in its convention / SSIM, CelebA 128x128.)", ""]
     lines.append(
-        "| Rule | forward iters / image | converged | rho(J_T) mean (max) | adjoint converged "
-        "| VJPs / step | s / epoch | training s | epochs | peak MiB / step |"
+        "| Rule | forward iters / image | converged | PSNR at rtol (tight) | converged (tight) "
+        "| rho(J_T) mean (max) | adjoint converged | VJPs / step | s / epoch | training s "
+        "| epochs |"
     )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in r["rules"]:
         row = r["table"][key]
         adjoint = row["adjoint_converged"]
         cells = [names[key], f"{row['forward_iterations']:.1f}", f"{row['converged_fraction']:.0%}"]
+        cells.append(f"{row['psnr_standard']:.2f} ({row['tight_psnr_standard']:.2f})")
+        cells.append(f"{row['tight_converged']:.0%}")
         cells.append(f"{row['radius_mean']:.3f} ({row['radius_max']:.3f})")
         cells += ["-" if adjoint is None else f"{adjoint:.0%}", f"{row['vjps_per_step']:.1f}"]
         cells += [f"{row['seconds_per_epoch']:.1f}", f"{row['training_seconds']:.0f}"]
         cells.append(f"{row['epochs']:.2f}")
-        cells.append("-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     settled = statistics.fmean(r["table"][k]["radius_settled"] for k in r["rules"])
-    lines += ["", f"Peak memory: {r['memory']}. rho(J_T): the spectral radius of the cell's"]
+    tight = f"rtol {r['settings']['rtol']:g} ({r['settings']['tight_rtol']:g})"
+    lines += [
+        "",
+        f"PSNR at {tight}: standard convention. rho(J_T): the spectral radius of the cell's",
+    ]
     lines += [f"Jacobian at the fixed points of {r['radius_images']} whole test images (Arnoldi,"]
     lines += [f"at most 50 VJPs; {settled:.0%} of the estimates settled, an unsettled one is low)."]
     return "\n".join(lines) + "\n"

@@ -8,10 +8,11 @@ noise of standard deviation 0.01. DE-GRAD (Gilton, Ongie & Willett, 2021) recons
 .. math::
 
     x^\star = T(x^\star; d), \qquad
-    T(x; d) = \Pi\big(x - \eta\,(A^\top (A x - d) + x - D_\theta(x))\big),
+    T(x; d) = \Pi\big(x - \eta\,(A^\top (A x - d) + x - D_\theta(x) + \lambda (x - x_0))\big),
 
 with :math:`D_\theta` a DnCNN denoiser (the regulariser is :math:`R = I - D`), :math:`\eta`
-learned and :math:`\Pi` the clamp to :math:`[-1, 1]`. As in Liu, Tong & Zhao (2024) the
+learned, an anchor to the start :math:`x_0` (``--anchor`` :math:`\lambda`: a true equilibrium)
+and :math:`\Pi` the clamp to :math:`[-1, 1]`. As in Liu, Tong & Zhao (2024) the
 network is trained with JFB: the loss's gradient flows through one application of :math:`T`
 at the detached fixed point (``--backward`` picks another of the library's rules).
 
@@ -36,8 +37,6 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
@@ -84,15 +83,14 @@ class Settings:
     noise_std: float = arg(0.01, "noise standard deviation on [-1, 1] pixels", low=0.0)
     # Network.
     cell: str = arg("standard", "contractive: Lip(T) < 1", choices=("standard", "contractive"))
-    lipschitz: float = arg(0.9, "Lip(D) of the contractive denoiser")
+    lipschitz: float = arg(0.999, "Lip(D) of the contractive denoiser")
     skip: float = arg(0.1, "contractive: D = s((1-t)x + t N(x)), initial t (0: D = s N)", low=0)
     depth: int = arg(6, "DnCNN convolutions")
     width: int = arg(32, "DnCNN channels")
     batch_norm: bool = arg(False, "batch norm in DnCNN", negatable=True)
     spectral_norm: bool = arg(False, "spectral norm on DnCNN's convolutions", negatable=True)
     step_size: float = arg(0.8, "initial step eta")
-    anchor: float = arg(0.0, "weight lambda of lambda (x - x0) in T, x0 the start", low=0.0)
-    jacobian_penalty: float = arg(0.0, "weight of ||J_T||_F^2 / n in the loss (0: off)", low=0.0)
+    anchor: float = arg(0.1, "weight lambda of lambda (x - x0) in T, x0 the start", low=0.0)
     # Solver and backward rule.
     solver: str = arg("anderson", "forward fixed-point solver", choices=tuple(SOLVERS))
     max_iter: int = arg(50, "training solver budget")
@@ -119,6 +117,7 @@ class Settings:
     eval_batch_size: int = arg(32, "images per evaluation batch", low=1)
     budgets: tuple[int, ...] = arg((1, 2, 5, 10, 20, 50), "test-time budgets to sweep", low=1)
     figure_samples: int = arg(6, "test images in the figure", low=1)
+    radius_images: int = arg(8, "test images whose rho(J_T) is estimated", low=1)
 
     def __post_init__(self) -> None:
         cli.check(self)  # choices and lower bounds declared with arg()
@@ -137,18 +136,16 @@ class Settings:
             raise SettingsError(f"{flags}: {err}") from None
 
 
-#: Named starting points: override dicts of Settings (explicit flags override them in turn);
-#: cpu128: 128x128 CelebA on 2 CPU cores, 64x64 training crops, whole test images.
+#: Named starting points: override dicts of Settings (explicit flags override them in turn).
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {},  # built-in photographs, 32x32, DnCNN 6x32: minutes on a CPU
+    "demo": {},  # built-in photographs, 32x32, DnCNN 6x32: minutes on a CPU; cpu128: 64x64 crops
     "small": {"image_size": 64, "depth": 8, "width": 48, "step_size": 1.0, "pretrain_steps": 1000}
     | {"limit": 3000, "val_size": 128, "test_limit": 256},
     "cpu128": {"image_size": 128, "train_crop": 64, "depth": 8, "width": 48, "step_size": 1.0}
     | {"pretrain_steps": 1500, "limit": 3000, "val_size": 64, "test_limit": 256, "epochs": 3},
     "paper": {"image_size": 128, "train_crop": 64, "depth": 17, "width": 64, "batch_norm": True}
-    | {"spectral_norm": True, "step_size": 1.0, "anchor": 0.1, "epochs": 2, "lr": 5e-4}
-    | {"pretrain_steps": 1000, "pretrain_lr": 1e-3, "val_size": 64, "test_limit": 256}
-    | {"checkpoint_every": 25},
+    | {"spectral_norm": True, "step_size": 1.0, "epochs": 2, "lr": 5e-4, "checkpoint_every": 25}
+    | {"pretrain_steps": 1000, "pretrain_lr": 1e-3, "val_size": 64, "test_limit": 256},
 }
 #: What ``--cell contractive`` changes unless given (the library's bound: a step below 2/3).
 CONTRACTIVE = {"step_size": 0.5, "batch_norm": False, "spectral_norm": False}
@@ -172,8 +169,7 @@ def measure(A: LinearOperator, x: Tensor, seeds: list[int], std: float) -> Tenso
 def make_solver(
     s: Settings, max_iter: int | None = None, rtol: float | None = None
 ) -> il.AbstractSolver:
-    """The forward solver ``--solver``; ``atol`` bounds the residual's RMS per pixel. Another
-    ``rtol`` scales ``atol`` alike (``--tight-rtol``: both a hundredth of the preset's)."""
+    """The forward solver ``--solver``; ``atol`` bounds the per-pixel RMS, scaled with ``rtol``."""
     budget, scale = s.max_iter if max_iter is None else max_iter, (rtol or s.rtol) / (s.rtol or 1)
     return SOLVERS[s.solver](max_iter=budget, rtol=scale * s.rtol, atol=scale * s.atol, norm="rms")
 
@@ -194,22 +190,20 @@ def build_model(s: Settings) -> il.DEQ:
 
     ``standard``: :math:`D(x) = x - N(x)` (``DnCNN(residual=True)``, :math:`N` predicting the
     noise), so :math:`R = N` vanishes on clean images. ``contractive``: :math:`D` a
-    ``ContractiveDnCNN`` in ``DEGRADCell.contractive``, so that
-    :math:`\operatorname{Lip}(T) \le 1 - \eta (1 - \operatorname{Lip}(D)) < 1`.
+    ``ContractiveDnCNN`` in ``DEGRADCell.contractive``: :math:`\operatorname{Lip}(T) < 1`.
     """
     torch.manual_seed(s.seed)
     A, size = imaging.GaussianBlur(s.kernel_size, s.blur_std), (s.train_crop or s.image_size,) * 2
+    anchor: dict[str, Any] = {"anchor_weight": s.anchor}  # lambda of lambda (x - x0)
     try:  # the library checks the network's settings
         if s.cell == "contractive":
             D = ContractiveDnCNN(3, s.depth, s.width, lipschitz=s.lipschitz, skip=s.skip or None)
             D.calibrate(size)
-            cell = DEGRADCell.contractive(A, D, step_size=s.step_size, anchor_weight=s.anchor)
+            cell = DEGRADCell.contractive(A, D, step_size=s.step_size, **anchor)
         else:
             norms = {"batch_norm": s.batch_norm, "spectral_norm": s.spectral_norm}
             N = imaging.DnCNN(3, s.depth, s.width, residual=True, **norms)
-            cell = DEGRADCell(
-                A, N, step_size=s.step_size, residual_regularizer=True, anchor_weight=s.anchor
-            )
+            cell = DEGRADCell(A, N, step_size=s.step_size, residual_regularizer=True, **anchor)
     except (ValueError, TypeError) as err:
         raise SettingsError(f"--depth, --width, --lipschitz, --step-size: {err}") from None
     return il.DEQ(cell, solver=make_solver(s), backward=make_backward(s), independent_samples=True)
@@ -228,19 +222,17 @@ def reconstruct(
     **options: Any,
 ) -> il.DEQOutput:
     """Solve :math:`x = T(x; d, x_0)` from :math:`x_0`, 10 Tikhonov-CG steps (``net``: ``model``
-    under DDP); ``options`` go to the DEQ (``z0``: another start, ``jacobian_penalty``, ...)."""
+    under DDP); ``options`` go to the DEQ (``z0``: another start, ``states``, ...)."""
     x0 = cell_of(model).initial_point(d, method="cg")
     out = (net or model)(d, x0, solver=solver, **{"z0": x0, **options})
-    # Anderson's best iterate mixes clamped outputs and can leave [-1, 1] by up to its residual.
-    clamped = tuple(z.clamp(-1.0, 1.0) for z in out.states)
-    return il.DEQOutput(
-        out.z.clamp(-1.0, 1.0), out.result, jacobian_penalty=out.jacobian_penalty, states=clamped
-    )
+    # Anderson's best iterate mixes clamped outputs and can leave [-1, 1] by up to its residual;
+    # under bf16, f's output is bf16: the images go on in float32.
+    z, *states = (z.float().clamp(-1.0, 1.0) for z in (out.z, *out.states))
+    return il.DEQOutput(z, out.result, states=tuple(states), spectral_radius=out.spectral_radius)
 
 
 def fit_norms(model: il.DEQ, size: tuple[int, int], *, training: bool, step: int = 0) -> None:
-    """The denoiser's norms, right for the next step (or for test) while the DEQ runs in eval
-    mode: a spectral-norm power step per training step, exact contractive norms at test."""
+    """The denoiser's norm estimates, right for the next training step or for a test."""
     imaging.refresh_norms(cell_of(model).regularizer, size, training=training, step=step)
 
 
@@ -254,7 +246,6 @@ def train(
     *,
     start: dict[str, Any] | None = None,
     stop: state.StopFlag | None = None,
-    hook: Callable[[il.DEQ], AbstractContextManager[dict[str, Any]]] | None = None,
 ) -> tuple[il.DEQ, state.Progress]:
     r"""Pretrain :math:`D`, then train the DEQ end to end, validating after every epoch.
 
@@ -262,10 +253,9 @@ def train(
     Phase 2: minimise :math:`\|x^\star(d) - x\|^2` through the fixed point with the backward
     rule (Adam, cosine schedule). ``best.pt`` (by validation PSNR) and ``last.pt`` go to ``out``;
     a stop request (Ctrl-C, SIGTERM, ``--max-steps``) saves ``last.pt`` and returns. ``start``:
-    a checkpoint, or part of one, to continue from. ``hook(model)`` wraps every DEQ step; the
-    dict it yields joins the step's log (``benchmarks/deblur_table.py`` counts memory, VJPs).
+    a checkpoint, or part of one, to continue from (``--init``: another run's weights).
     """
-    stop, start, hook = stop or state.StopFlag(), start or {}, hook or (lambda m: nullcontext({}))
+    stop, start = stop or state.StopFlag(), start or {}
     opts = opts or Options()
     model = build_model(s).to(ctx.device)
     A, denoiser = cell_of(model).operator, cell_of(model).regularizer
@@ -276,9 +266,8 @@ def train(
     meta = {"settings": asdict(s), "data": splits.description}
     run = state.Run(out, objects, meta, ctx.main, start)  # loads the states and progress
     progress, show = run.progress, ctx.main and not opts.no_progress
-    precision = ddp.autocast(s.autocast, ctx.device)
-    penalty: dict[str, Any] = {"jacobian_penalty": 1, "normalize_penalty": True}
-    penalty = penalty if s.jacobian_penalty else {}
+    precision, low = ddp.autocast(s.autocast, ctx.device), ddp.bf16(s.autocast, ctx.device)
+    solver = make_solver(s, rtol=max(s.rtol, ddp.BF16_RTOL)) if low else None
 
     def validate() -> None:
         fit_norms(model, (s.image_size,) * 2, training=False)
@@ -324,29 +313,25 @@ def train(
         bar = tqdm(batches, what, len(todo), initial=progress.step_in_epoch, disable=not show)
         for index, x in bar:
             tic = time.perf_counter()
-            with hook(model) as extra:
-                seeds = image_seeds(s.seed, "train", progress.epoch, index)
-                x = data.augment(x, seeds, s.train_crop).to(ctx.device)  # crop first, then measure
-                d = measure(A, x, seeds, s.noise_std)
-                fit_norms(model, (x.shape[2], x.shape[3]), training=True, step=progress.global_step)
-                with precision:
-                    solved = reconstruct(model, d, net=net, **penalty)
-                model.eval()  # that forward took its spectral-norm power step
-                (x_hat, result), jac = solved, solved.jacobian_penalty
-                loss = F.mse_loss(x_hat, x)
-                if jac is not None:  # ||J_T||_F^2 / n pulls T towards a contraction
-                    loss = loss + s.jacobian_penalty * jac.mean()
-                opt.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
-                norm = nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip or float("inf"))
-                lr = schedule.get_last_lr()[0]
-                opt.step()
-                schedule.step()
+            seeds = image_seeds(s.seed, "train", progress.epoch, index)
+            x = data.augment(x, seeds, s.train_crop).to(ctx.device)  # crop first, then measure
+            d = measure(A, x, seeds, s.noise_std)
+            fit_norms(model, (x.shape[2], x.shape[3]), training=True, step=progress.global_step)
+            with precision:
+                x_hat, result = reconstruct(model, d, solver, net=net)
+            model.eval()  # that forward took its spectral-norm power step
+            loss = F.mse_loss(x_hat, x)
+            opt.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            norm = nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip or float("inf"))
+            lr = schedule.get_last_lr()[0]
+            opt.step()
+            schedule.step()
             progress.global_step += 1
             progress.step_in_epoch += 1
             scalars = {"loss": loss.item(), "grad_norm": float(norm), "lr": lr}
             scalars |= {"step_size": cell_of(model).step_size.item()}
-            scalars |= {"sec_per_step": time.perf_counter() - tic, **extra}
+            scalars |= {"sec_per_step": time.perf_counter() - tic}
             run.log_step(result, model.last_backward_result, scalars)
             bar.set_postfix(loss=f"{loss.item():.2e}", iters=f"{result.n_steps.float().mean():.1f}")
             if run.after_step(stop, ctx.any, opts.max_steps, s.checkpoint_every):
@@ -371,21 +356,27 @@ def evaluate(
     keep: int = 0,
     bars: bool = False,
     measured: bool = False,
+    radius: int = 0,
 ) -> dict[str, list[Any]]:
     """Per-image results on whole images (this process's share): PSNR and SSIM of the
     measurement, Tikhonov-CG and DE-GRAD, loss, forward iterations, convergence, PSNR at each
     test-time budget ``k`` (0: the start), seconds, and the first ``keep`` images. Test noise
     is seeded by :data:`TEST_SEED`: every method and run sees the same measurements.
-    ``measured``: the images are measurements already (``restore``; scores compare with them)."""
+    ``measured``: the images are measurements already (``restore``; scores compare with them).
+    ``radius``: :math:`\rho(J_T)` at the fixed points of that many first images (Arnoldi, at
+    most 50 VJPs; low when unsettled): below 1, the exact rule's adjoint is well posed."""
     A, rows, ks = cell_of(model).operator, defaultdict(list), tuple(sorted(budgets))
+    rtol = max(s.rtol, ddp.BF16_RTOL) if ddp.bf16(s.autocast, ctx.device) else s.rtol
     todo = shard(images, s.eval_batch_size, ctx)
     model.eval()
     for index, x in tqdm(load(images, todo), total=len(todo), desc=tag, disable=not bars):
         x = x.to(ctx.device)
         d = x if measured else measure(A, x, image_seeds(seed, tag, 0, index), s.noise_std)
-        with torch.no_grad(), ddp.autocast(s.autocast, ctx.device):
+        with torch.no_grad():
             tic = time.perf_counter()
-            x_hat, result = out = reconstruct(model, d, make_solver(s, s.eval_max_iter), states=ks)
+            with ddp.autocast(s.autocast, ctx.device):  # f in bf16 where asked
+                solver = make_solver(s, s.eval_max_iter, rtol)
+                x_hat, result = out = reconstruct(model, d, solver, states=ks)
             rows["seconds"].append(time.perf_counter() - tic)
             room = max(keep - len(rows["image/x"]), 0)
             rows["image/x"] += list(x[:room].cpu())
@@ -401,12 +392,19 @@ def evaluate(
             rows["converged"] += result.converged.float().tolist()
             for k, x_k in zip(ks, out.states, strict=True):  # the k-th iterate of that solve
                 rows[f"budget/{k}"] += imaging.psnr_standard(x_k, x).tolist()
-            if s.tight_rtol:  # a true equilibrium: a tighter solve changes nothing
+            more = result  # a true equilibrium: solving on (in float32) changes nothing
+            if s.tight_rtol:
                 tight = make_solver(s, s.eval_max_iter, s.tight_rtol)
-                x_t, more = reconstruct(model, d, tight, z0=result.z)
+                x_t, more = reconstruct(model, d, tight, z0=result.z.float())
                 rows["tight/psnr_standard"] += imaging.psnr_standard(x_t, x).tolist()
                 rows["tight/converged"] += more.converged.float().tolist()
                 rows["tight/iterations"] += (result.n_steps + more.n_steps).tolist()
+            if radius > len(rows["radius"]):  # at the tightest fixed points
+                z, one = more.z[: radius - len(rows["radius"])], make_solver(s, 1)
+                probe = reconstruct(model, d[: len(z)], one, z0=z, spectral_radius=True)
+                rho = cast(il.diagnostics.SpectralRadius, probe.spectral_radius)
+                rows["radius"] += rho.radius.tolist()
+                rows["radius_settled"] += rho.converged.float().tolist()
     return dict(rows)
 
 
@@ -452,10 +450,11 @@ def cmd_evaluate(opts: Options, overrides: dict[str, Any]) -> int:
     saved, s, model = load_model(path, overrides)
     splits, ctx = make_splits(s), ddp.Context(0, 1, next(model.parameters()).device)
     fit_norms(model, (s.image_size,) * 2, training=False)
-    budgets, bars = (0, *s.budgets), not opts.no_progress
-    rows = evaluate(model, s, splits.test, ctx, budgets=budgets, keep=s.figure_samples, bars=bars)
-    bound = cell_of(model).lipschitz_bound() if s.cell == "contractive" else None
-    about = {"checkpoint": str(path), "data": splits.description, "lipschitz_bound": bound}
+    options: dict[str, Any] = {"keep": s.figure_samples, "radius": s.radius_images}
+    options |= {"bars": not opts.no_progress, "budgets": (0, *s.budgets)}
+    rows = evaluate(model, s, splits.test, ctx, **options)
+    about: dict[str, Any] = {"checkpoint": str(path), "data": splits.description}
+    about["lipschitz_bound"] = cell_of(model).lipschitz_bound() if s.cell != "standard" else None
     report.write(rows, out, saved, about | {"settings": asdict(s)})
     if not opts.quiet:
         print((out / "results.md").read_text() + f"\nresults and figures in {out.resolve()}")
@@ -465,12 +464,9 @@ def cmd_evaluate(opts: Options, overrides: dict[str, Any]) -> int:
 def cmd_restore(opts: Options, overrides: dict[str, Any]) -> int:
     """``restore``: deblur an image file of any size (the cell is convolutional); with
     ``--simulate`` measure it first, then score the measurement, Tikhonov-CG and DE-GRAD."""
-    if not Path(opts.input).is_file():
-        raise SettingsError(f"--input {opts.input!r} does not exist; pass an image file")
-    if Path(opts.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".webp"):
-        raise SettingsError(f"--output {opts.output!r} needs an image suffix such as .png")
+    image = data.check_paths(opts.input, opts.output)  # the file to restore, read
     _, s, model = load_model(opts.checkpoint, overrides)
-    image, ctx = data.load_image(opts.input), ddp.Context(0, 1, next(model.parameters()).device)
+    ctx = ddp.Context(0, 1, next(model.parameters()).device)
     fit_norms(model, (image.shape[1], image.shape[2]), training=False)
     one = data.Images(image[None])
     rows = evaluate(model, s, one, ctx, tag="restore", keep=1, measured=not opts.simulate)

@@ -200,7 +200,7 @@ def _summarise(
                     f"{problem.name}, {method}: peak at {hi} iterations vs {lo}, relative growth",
                     growth,
                     "<= 0.10",
-                    abs(growth) <= 0.10,
+                    growth <= 0.10,
                     f"peak {mib(a['peak_bytes'])} -> {mib(b['peak_bytes'])} MiB; saved "
                     f"{mib(a['saved_bytes'])} -> {mib(b['saved_bytes'])} MiB",
                 )

@@ -75,10 +75,11 @@ TRAIN += ("no_progress", "quiet")
 EVALUATE = ("checkpoint", "output_dir", "no_progress", "quiet")
 RESTORE = ("checkpoint", "input", "output", "simulate")
 #: The flagship's settings a checkpoint's user may change: at evaluation, on resume, to restore.
-SHOWN = ("device", "test_limit", "test_offset", "eval_batch_size", "budgets", "figure_samples")
-EVALUATED = ("data_dir", "eval_max_iter", "rtol", "atol", *SHOWN)
+SHOWN: tuple[str, ...] = ("device", "autocast", "test_limit", "test_offset", "budgets")
+SHOWN += ("eval_batch_size", "figure_samples", "radius_images")
+EVALUATED = ("data_dir", "eval_max_iter", "rtol", "atol", "tight_rtol", *SHOWN)
 RESUMABLE = ("checkpoint_every", "workers", *SHOWN)
-RESTORED = ("eval_max_iter", "device")
+RESTORED = ("eval_max_iter", "device", "autocast")
 
 
 def check(settings: Any) -> None:

@@ -135,6 +135,16 @@ def load_image(path: str | Path, size: int | None = None) -> Tensor:
         return to_tensor(np.asarray(rgb, dtype=np.uint8))
 
 
+def check_paths(source: str, target: str) -> Tensor:
+    """``restore``'s ``--input`` read as by :func:`load_image`, once ``--output`` is known to be
+    an image file name."""
+    if not Path(source).is_file():
+        raise SettingsError(f"--input {source!r} does not exist; pass an image file")
+    if Path(target).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".webp"):
+        raise SettingsError(f"--output {target!r} needs an image suffix such as .png")
+    return load_image(source)
+
+
 def save_image(x: Tensor, path: str | Path) -> None:
     """Write a ``(3, H, W)`` image in :math:`[-1, 1]` (format from the suffix)."""
     array = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -49,6 +49,9 @@ def write(
     results |= {"forward_iterations": iterations | {"converged_fraction": mean["converged"]}}
     results |= {"images_per_second": images / sum(rows["seconds"])}
     results["budget_psnr_standard"] = dict(sorted(budgets.items(), key=lambda kv: int(kv[0])))
+    if rows.get("radius"):  # rho(J_T) at the first test images' fixed points
+        radius = {"mean": mean["radius"], "max": max(rows["radius"])}
+        results["spectral_radius"] = radius | {"settled": mean["radius_settled"]}
     if "tight/psnr_standard" in mean:  # the same images solved to --tight-rtol
         tight = {k.split("/")[1]: mean[k] for k in mean if k.startswith("tight/")}
         tight["rtol"] = about["settings"]["tight_rtol"]
@@ -77,6 +80,12 @@ def markdown(r: dict[str, Any]) -> str:
             f"\n\nSolved to rtol {t['rtol']:g} (atol alike): {100 * t['converged']:.1f}% "
             f"converged in {t['iterations']:.1f} iterations on average, PSNR "
             f"{t['psnr_standard']:.2f} dB ({t['psnr_change_db']:+.2f} dB)."
+        )
+    if r.get("spectral_radius"):
+        rho = r["spectral_radius"]
+        bound += (
+            f"\n\nSpectral radius of J_T at the fixed points of the first test images: mean "
+            f"{rho['mean']:.3f}, max {rho['max']:.3f} ({100 * rho['settled']:.0f}% settled)."
         )
     if r.get("lipschitz_bound") is not None:
         bound += f"\n\nContractive cell: certified Lip(T) <= **{r['lipschitz_bound']:.4f}**."

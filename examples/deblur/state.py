@@ -96,6 +96,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]
     state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise SettingsError(f"--checkpoint {str(path)!r} is not a {FORMAT} checkpoint")
+    state["settings"].setdefault("anchor", 0.0)  # written before the anchor term existed
     return state
 
 

@@ -42,8 +42,11 @@ def test_train_and_evaluate_report_a_certified_bound_below_one(contractive_run: 
     eta = flagship.cell_of(model).step_size.item()
     lip_d = flagship.cell_of(model).regularizer.lipschitz_bound()
     flagship.fit_norms(model, (16, 16), training=False)
+    lam = settings["anchor"]  # the anchor's weight (the flagship's default, 0.1) adds contraction
+    linear = max(abs(1 - eta * (2 + lam)), abs(1 - eta * (1 + lam)))
+    assert lam == 0.1 and linear == pytest.approx(1 - eta * (1 + lam))
     assert flagship.cell_of(model).lipschitz_bound() == pytest.approx(
-        1 - eta * (1 - lip_d), rel=1e-6
+        linear + eta * lip_d, rel=1e-6
     )
     assert (
         f"certified Lip(T) <= **{report['lipschitz_bound']:.4f}**"
