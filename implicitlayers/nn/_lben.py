@@ -10,12 +10,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._monotone import MonotoneCell, Operator, _dense_resolvent, check_margin, check_positive_int
+from ._monotone import DenseMonotoneCell, check_margin, check_positive_int
 
 __all__ = ["LBEN"]
 
 
-class LBEN(MonotoneCell):
+class LBEN(DenseMonotoneCell):
     r"""A Lipschitz-bounded equilibrium network (LBEN, [Revay2020]_): a dense monotone cell
     and a linear output whose input-output map is :math:`\gamma`-Lipschitz.
 
@@ -148,21 +148,6 @@ class LBEN(MonotoneCell):
             - self.S
             + self.S.T
         )
-
-    def weight(self) -> Tensor:
-        """:math:`W`, differentiable, ``(n, n)``."""
-        eye = torch.eye(self.features, dtype=self.V.dtype, device=self.V.device)
-        return eye - self.operator_matrix()
-
-    def operator(self, state_shape: tuple[int, ...]) -> Operator:
-        M_t = self.operator_matrix().mT
-        return lambda z: z @ M_t
-
-    def resolvent(self, alpha: float, state_shape: tuple[int, ...]) -> Operator:
-        return _dense_resolvent(self.operator_matrix(), alpha)
-
-    def blocks(self, state_shape: tuple[int, ...]) -> Tensor:
-        return self.operator_matrix().detach().to(torch.float64)[None]
 
     def _certificate_extras(self, blocks: Tensor) -> dict[str, float]:
         M = blocks[0]

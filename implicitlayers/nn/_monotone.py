@@ -198,7 +198,33 @@ def _dense_resolvent(M: Tensor, alpha: float) -> Operator:
     return lambda v: v @ inverse_t
 
 
-class MonotoneLinear(MonotoneCell):
+class DenseMonotoneCell(MonotoneCell):
+    """A cell whose :math:`M = I - W` is one dense ``(n, n)`` matrix, :meth:`operator_matrix`:
+    its products, resolvent (a dense inverse) and certificate blocks follow from it."""
+
+    features: int
+
+    @abc.abstractmethod
+    def operator_matrix(self) -> Tensor:
+        """:math:`M = I - W`, differentiable, ``(n, n)``."""
+
+    def weight(self) -> Tensor:
+        """:math:`W = I - M`, differentiable, ``(n, n)``."""
+        M = self.operator_matrix()
+        return torch.eye(self.features, dtype=M.dtype, device=M.device) - M
+
+    def operator(self, state_shape: tuple[int, ...]) -> Operator:
+        M_t = self.operator_matrix().mT
+        return lambda z: z @ M_t
+
+    def resolvent(self, alpha: float, state_shape: tuple[int, ...]) -> Operator:
+        return _dense_resolvent(self.operator_matrix(), alpha)
+
+    def blocks(self, state_shape: tuple[int, ...]) -> Tensor:
+        return self.operator_matrix().detach().to(torch.float64)[None]
+
+
+class MonotoneLinear(DenseMonotoneCell):
     r"""A dense monotone equilibrium cell (monDEQ, [Winston2020]_).
 
     .. math::
@@ -255,21 +281,6 @@ class MonotoneLinear(MonotoneCell):
         r""":math:`M = I - W = m I + A^\top A - B + B^\top`, differentiable, ``(n, n)``."""
         eye = torch.eye(self.features, dtype=self.A.dtype, device=self.A.device)
         return self.margin * eye + self.A.T @ self.A - self.B + self.B.T
-
-    def weight(self) -> Tensor:
-        r""":math:`W = (1 - m) I - A^\top A + B - B^\top`, differentiable, ``(n, n)``."""
-        eye = torch.eye(self.features, dtype=self.A.dtype, device=self.A.device)
-        return eye - self.operator_matrix()
-
-    def operator(self, state_shape: tuple[int, ...]) -> Operator:
-        M_t = self.operator_matrix().mT
-        return lambda z: z @ M_t
-
-    def resolvent(self, alpha: float, state_shape: tuple[int, ...]) -> Operator:
-        return _dense_resolvent(self.operator_matrix(), alpha)
-
-    def blocks(self, state_shape: tuple[int, ...]) -> Tensor:
-        return self.operator_matrix().detach().to(torch.float64)[None]
 
 
 class MonotoneConv2d(MonotoneCell):

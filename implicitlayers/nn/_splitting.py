@@ -58,7 +58,30 @@ def _outside_error(solver: AbstractSolver) -> TypeError:
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class ForwardBackward(AbstractSolver):
+class _SplittingSolver(AbstractSolver):
+    """What both splitting solvers share: the step :math:`\alpha`, the refusal of any map but
+    :class:`~implicitlayers.MonotoneDEQ`'s, and the step :math:`v_{k+1} = T(v_k)`."""
+
+    splitting: ClassVar[Splitting]
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_alpha(self.alpha)
+
+    def init(self, z: Tensor) -> SolverState:
+        if not _SPLITTING_MAP.get():
+            raise _outside_error(self)
+        return {}
+
+    def step(
+        self, state: SolverState, z: Tensor, fz: Tensor, iteration: int
+    ) -> tuple[Tensor, SolverState, Tensor | None]:
+        return fz, state, None  # the map is the splitting operator itself
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class ForwardBackward(_SplittingSolver):
     r"""Forward-backward splitting for a monotone cell, run by
     :class:`~implicitlayers.MonotoneDEQ`.
 
@@ -99,26 +122,11 @@ class ForwardBackward(AbstractSolver):
     """
 
     splitting: ClassVar[Splitting] = "forward-backward"
-    alpha: float | None = None
     max_iter: int = 500
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_alpha(self.alpha)
-
-    def init(self, z: Tensor) -> SolverState:
-        if not _SPLITTING_MAP.get():
-            raise _outside_error(self)
-        return {}
-
-    def step(
-        self, state: SolverState, z: Tensor, fz: Tensor, iteration: int
-    ) -> tuple[Tensor, SolverState, Tensor | None]:
-        return fz, state, None  # the map is the splitting operator: z_{k+1} = T(z_k)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class PeacemanRachford(AbstractSolver):
+class PeacemanRachford(_SplittingSolver):
     r"""Peaceman-Rachford splitting for a monotone cell, run by
     :class:`~implicitlayers.MonotoneDEQ`.
 
@@ -164,22 +172,7 @@ class PeacemanRachford(AbstractSolver):
     """
 
     splitting: ClassVar[Splitting] = "peaceman-rachford"
-    alpha: float | None = None
     max_iter: int = 100
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_alpha(self.alpha)
-
-    def init(self, z: Tensor) -> SolverState:
-        if not _SPLITTING_MAP.get():
-            raise _outside_error(self)
-        return {}
-
-    def step(
-        self, state: SolverState, z: Tensor, fz: Tensor, iteration: int
-    ) -> tuple[Tensor, SolverState, Tensor | None]:
-        return fz, state, None  # the map is the splitting operator: u_{k+1} = T(u_k)
 
 
 @contextlib.contextmanager
