@@ -21,7 +21,9 @@ class Unavailable(RuntimeError):
 
 
 @torch.no_grad()
-def conv_operator_norm(weight: Tensor, shape: tuple[int, int, int], iters: int = 60) -> float:
+def conv_operator_norm(
+    weight: Tensor, shape: tuple[int, int, int], power_iterations: int = 60
+) -> float:
     r"""Estimate :math:`\|A\|_2` of the zero-padded 'same' convolution with ``weight``.
 
     Power iteration on :math:`A^\top A` (``conv2d`` then ``conv_transpose2d``).
@@ -29,13 +31,13 @@ def conv_operator_norm(weight: Tensor, shape: tuple[int, int, int], iters: int =
     Args:
         weight: ``(C_out, C_in, k, k)`` kernel, ``k`` odd.
         shape: ``(C_in, H, W)`` of the input.
-        iters: Power iterations.
+        power_iterations: Power iterations.
     """
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn((1, *shape), generator=gen, dtype=weight.dtype).to(weight.device)
     pad = weight.shape[-1] // 2
     sigma_sq = 0.0
-    for _ in range(iters):
+    for _ in range(power_iterations):
         x = x / torch.linalg.vector_norm(x)
         x = F.conv_transpose2d(F.conv2d(x, weight, padding=pad), weight, padding=pad)
         sigma_sq = float(torch.linalg.vector_norm(x))

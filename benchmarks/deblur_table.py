@@ -81,7 +81,7 @@ class TableOptions:
 def baselines(A: Any, d: torch.Tensor, denoiser: Any, tuned: dict[str, Any]) -> dict[str, Any]:
     """TV and PnP reconstructions of measurements ``d`` with the tuned hyperparameters."""
     with torch.no_grad():
-        tv = tv_deblur(A, d, lam=tuned["tv"]["lam"], iters=200)
+        tv = tv_deblur(A, d, lam=tuned["tv"]["lam"], max_iter=200)
         pnp = pnp_deblur(A, d, denoiser, **tuned["pnp"])
     return {"tv": tv.clamp(-1, 1), "pnp": pnp.clamp(-1, 1)}
 
@@ -93,16 +93,16 @@ def tune(A: Any, x: torch.Tensor, d: torch.Tensor, denoiser: Any) -> dict[str, A
         return float(report.scores(x_hat.clamp(-1, 1), x)["psnr_standard"].mean())
 
     with torch.no_grad():
-        tv = {lam: score(tv_deblur(A, d, lam=lam, iters=200)) for lam in TV_LAMBDAS}
+        tv = {lam: score(tv_deblur(A, d, lam=lam, max_iter=200)) for lam in TV_LAMBDAS}
         pnp = {
-            (s, t, k): score(pnp_deblur(A, d, denoiser, strength=s, step_size=t, iters=k))
+            (s, t, k): score(pnp_deblur(A, d, denoiser, strength=s, step_size=t, max_iter=k))
             for s, t, k in PNP_GRID
         }
-    lam, (strength, step, iters) = max(tv, key=tv.__getitem__), max(pnp, key=pnp.__getitem__)
+    lam, (strength, step, max_iter) = max(tv, key=tv.__getitem__), max(pnp, key=pnp.__getitem__)
     return {
         "tv": {"lam": lam, "val_psnr_standard": tv[lam]},
-        "pnp": {"strength": strength, "step_size": step, "iters": iters},
-        "pnp_val_psnr_standard": pnp[strength, step, iters],
+        "pnp": {"strength": strength, "step_size": step, "max_iter": max_iter},
+        "pnp_val_psnr_standard": pnp[strength, step, max_iter],
     }
 
 

@@ -380,8 +380,9 @@ def evaluate(
             rows["seconds"].append(time.perf_counter() - tic)
             room = max(keep - len(rows["image/x"]), 0)
             rows["image/x"] += list(x[:room].cpu())
-            # The classical anchor, Tikhonov: (A^T A + 0.01 I) x = A^T d by 60 CG steps.
-            cg = imaging.tikhonov_cg(A, d, lam=0.01, steps=60).clamp(-1, 1)
+            # The classical anchor, Tikhonov: (A^T A + 0.01 I) x = A^T d by 60 CG steps (61
+            # products, the last measuring the residual; rtol=0: the budget decides).
+            cg = imaging.tikhonov_cg(A, d, lam=0.01, max_iter=61, rtol=0.0).clamp(-1, 1)
             methods = {"measurement": d.clamp(-1, 1), "tikhonov_cg": cg}
             for name, v in (methods | {"degrad": x_hat}).items():
                 for metric, values in report.scores(v, x).items():

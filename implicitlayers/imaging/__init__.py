@@ -23,7 +23,6 @@ References:
 """
 
 from ._baselines import direct_inverse, gradient_descent, operator_norm, pnp_deblur, tv_deblur
-from ._cg import conjugate_gradient, tikhonov_cg
 from ._contractive import ContractiveDnCNN, NormalizedConv2d
 from ._degrad import DEGRADCell
 from ._dncnn import DnCNN
@@ -32,6 +31,7 @@ from ._lipschitz import circular_conv_norm, estimate_lipschitz
 from ._metrics import psnr, psnr_paper, psnr_standard, ssim, ssim_standard
 from ._norms import refresh_norms
 from ._operators import GaussianBlur, add_noise, gaussian_kernel
+from ._tikhonov import tikhonov_cg
 
 __all__ = [
     "ContractiveDnCNN",
@@ -43,7 +43,6 @@ __all__ = [
     "PhysicsOperator",
     "add_noise",
     "circular_conv_norm",
-    "conjugate_gradient",
     "direct_inverse",
     "estimate_lipschitz",
     "gaussian_kernel",

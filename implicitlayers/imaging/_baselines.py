@@ -16,7 +16,7 @@ from ._linear_operator import LinearOperator, check_operator
 __all__ = ["direct_inverse", "gradient_descent", "operator_norm", "pnp_deblur", "tv_deblur"]
 
 
-def operator_norm(operator: LinearOperator, like: Tensor, *, iters: int = 50) -> float:
+def operator_norm(operator: LinearOperator, like: Tensor, *, power_iterations: int = 50) -> float:
     r""":math:`\|A\|_2`, as the step sizes of the baselines need it.
 
     The operator's certified :meth:`~LinearOperator.norm_bound` when it is finite; otherwise
@@ -34,20 +34,20 @@ def operator_norm(operator: LinearOperator, like: Tensor, *, iters: int = 50) ->
         operator: :math:`A`, a :class:`LinearOperator`.
         like: A tensor shaped like the operator's inputs (only its shape, dtype and device
             are used).
-        iters: Power iterations :math:`K` when there is no finite bound.
+        power_iterations: Power iterations :math:`K` when there is no finite bound.
 
     Returns:
         The bound or the estimate, as a Python float.
     """
     operator = check_operator("operator", operator)
-    check_int("iters", iters, minimum=1)
+    check_int("power_iterations", power_iterations, minimum=1)
     bound = float(operator.norm_bound())
     if math.isfinite(bound):
         return bound
     with torch.no_grad():
         v = torch.randn_like(like)
         v = v / v.norm()
-        for _ in range(iters):
+        for _ in range(power_iterations):
             w = operator.normal(v)
             v = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)
         return float(operator(v).norm())
@@ -117,7 +117,7 @@ def gradient_descent(
     operator: LinearOperator,
     d: Tensor,
     *,
-    steps: int,
+    max_iter: int,
     step_size: float | None = None,
     tikhonov: float = 0.0,
     x0: Tensor | None = None,
@@ -136,24 +136,24 @@ def gradient_descent(
     Args:
         operator: :math:`A`.
         d: ``(B, C, H, W)`` measurements.
-        steps: Iterations.
+        max_iter: Iterations (all of them are run).
         step_size: :math:`\tau`; default :math:`1 / (\|A\|^2 + \lambda)` (1 for a normalised
             blur without Tikhonov term), with :math:`\|A\|` from :func:`operator_norm`.
         tikhonov: :math:`\lambda \ge 0`.
         x0: Start; :math:`A^\top d` when ``None``.
-        callback: Called as ``callback(k, x_k)`` after each step ``k = 1..steps``.
+        callback: Called as ``callback(k, x_k)`` after each step ``k = 1..max_iter``.
 
     Returns:
         ``(B, C, H, W)`` reconstruction.
     """
     operator = check_operator("operator", operator)
-    check_int("steps", steps, minimum=0)
+    check_int("max_iter", max_iter, minimum=0)
     check_float("tikhonov", tikhonov, low=0.0)
     if step_size is None:
         step_size = 1.0 / (operator_norm(operator, d) ** 2 + tikhonov)
     check_float("step_size", step_size, low=0.0, low_open=True)
     x = _default_x0(operator, d, x0)
-    for k in range(1, steps + 1):
+    for k in range(1, max_iter + 1):
         grad = operator.adjoint(operator(x) - d)
         if tikhonov:
             grad = grad + tikhonov * x
@@ -183,7 +183,7 @@ def tv_deblur(
     d: Tensor,
     *,
     lam: float,
-    iters: int = 200,
+    max_iter: int = 200,
     x0: Tensor | None = None,
 ) -> Tensor:
     r"""Total-variation deblurring by the Chambolle-Pock primal-dual algorithm.
@@ -213,7 +213,7 @@ def tv_deblur(
         operator: :math:`A` (its norm from :func:`operator_norm`).
         d: ``(B, C, H, W)`` measurements.
         lam: :math:`\lambda > 0`.
-        iters: Iterations.
+        max_iter: Iterations (all of them are run).
         x0: Start; :math:`A^\top d` when ``None``.
 
     Returns:
@@ -221,14 +221,14 @@ def tv_deblur(
     """
     operator = check_operator("operator", operator)
     check_float("lam", lam, low=0.0, low_open=True)
-    check_int("iters", iters, minimum=0)
+    check_int("max_iter", max_iter, minimum=0)
     lipschitz = (operator_norm(operator, d) ** 2 + 8.0) ** 0.5
     tau = sigma = 0.99 / lipschitz
     x = _default_x0(operator, d, x0)
     x_bar = x
     y = torch.zeros_like(d)
     px, py = torch.zeros_like(x), torch.zeros_like(x)
-    for _ in range(iters):
+    for _ in range(max_iter):
         y = (y + sigma * (operator(x_bar) - d)) / (1 + sigma)
         gx, gy = _grad2d(x_bar)
         qx, qy = px + sigma * gx, py + sigma * gy
@@ -245,7 +245,7 @@ def pnp_deblur(
     d: Tensor,
     denoiser: Callable[[Tensor], Tensor],
     *,
-    iters: int = 30,
+    max_iter: int = 30,
     step_size: float = 1.0,
     strength: float = 1.0,
     x0: Tensor | None = None,
@@ -267,7 +267,7 @@ def pnp_deblur(
         d: ``(B, C, H, W)`` measurements.
         denoiser: :math:`D`, ``(B, C, H, W)`` to the same shape (e.g. a trained
             :class:`DnCNN` plus the identity, or :class:`ContractiveDnCNN`).
-        iters: Iterations.
+        max_iter: Iterations (all of them are run).
         step_size: :math:`\tau > 0`.
         strength: :math:`s \in [0, 1]`.
         x0: Start; :math:`A^\top d` when ``None``.
@@ -278,11 +278,11 @@ def pnp_deblur(
     operator = check_operator("operator", operator)
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable as denoiser(x), got {denoiser!r}")
-    check_int("iters", iters, minimum=0)
+    check_int("max_iter", max_iter, minimum=0)
     check_float("step_size", step_size, low=0.0, low_open=True)
     check_float("strength", strength, low=0.0, high=1.0)
     x = _default_x0(operator, d, x0)
-    for _ in range(iters):
+    for _ in range(max_iter):
         v = x - step_size * operator.adjoint(operator(x) - d)
         x = v if strength == 0.0 else torch.lerp(v, denoiser(v), strength)
     return x

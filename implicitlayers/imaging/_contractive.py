@@ -92,9 +92,9 @@ class NormalizedConv2d(nn.Module):
         extra = self.kernel_size - 1
         return (int(self.u.shape[-2]) - extra, int(self.u.shape[-1]) - extra)
 
-    def calibrate(self, size: tuple[int, int], iters: int | None = None) -> None:
-        """Size the vector for ``(H, W)`` images and run ``iters`` power steps (no grad;
-        default: the warm-up for a new size, ``power_iterations`` otherwise)."""
+    def calibrate(self, size: tuple[int, int], power_iterations: int | None = None) -> None:
+        """Size the vector for ``(H, W)`` images and run ``power_iterations`` power steps (no
+        grad; default: the warm-up for a new size, the layer's ``power_iterations`` otherwise)."""
         weight = self.conv.weight
         with torch.no_grad():
             if self.input_size != (int(size[0]), int(size[1])):
@@ -102,8 +102,11 @@ class NormalizedConv2d(nn.Module):
                 shape = (1, weight.shape[1], int(size[0]) + extra, int(size[1]) + extra)
                 u = torch.randn(shape, dtype=weight.dtype, device=weight.device)
                 self.u = u / u.norm()
-                iters = self.warmup_iterations if iters is None else iters
-            self._power_step(self.power_iterations if iters is None else iters)
+                if power_iterations is None:
+                    power_iterations = self.warmup_iterations
+            if power_iterations is None:
+                power_iterations = self.power_iterations
+            self._power_step(power_iterations)
 
     def calibrate_exact(self, size: tuple[int, int] | None = None) -> None:
         r"""Set the vector to an exact top right singular vector of the circular convolution.
@@ -227,10 +230,10 @@ class NormalizedConv2d(nn.Module):
             weight = weight.transpose(0, 1).flip(-2, -1)
         return F.conv2d(F.pad(u, (p, p, p, p), mode="circular"), weight)
 
-    def _power_step(self, iters: int) -> None:
+    def _power_step(self, power_iterations: int) -> None:
         weight = self.conv.weight.detach()
         u = self.u
-        for _ in range(iters):
+        for _ in range(power_iterations):
             u = self._circular(self._circular(u, weight), weight, adjoint=True)
             u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)
         self.u.copy_(u)
@@ -381,13 +384,14 @@ class ContractiveDnCNN(nn.Module):
         """The normalised convolutions, first to last."""
         return [m for m in self.layers if isinstance(m, NormalizedConv2d)]
 
-    def calibrate(self, input_size: tuple[int, int], iters: int | None = None) -> None:
-        """Size every layer's power vector for ``(H, W)`` images and run ``iters`` steps
-        (default: the warm-up on a new size, ``power_iterations`` otherwise)."""
+    def calibrate(self, input_size: tuple[int, int], power_iterations: int | None = None) -> None:
+        """Size every layer's power vector for ``(H, W)`` images and run ``power_iterations``
+        steps (default: the warm-up on a new size, each layer's ``power_iterations``
+        otherwise)."""
         if len(input_size) != 2 or any(int(s) < 1 for s in input_size):
             raise ValueError(f"input_size must be (H, W) with H, W >= 1, got {input_size!r}")
         for conv in self.convs():
-            conv.calibrate((int(input_size[0]), int(input_size[1])), iters)
+            conv.calibrate((int(input_size[0]), int(input_size[1])), power_iterations)
 
     def calibrate_exact(self, input_size: tuple[int, int] | None = None) -> None:
         """Give every layer its exact norm (:meth:`NormalizedConv2d.calibrate_exact`), so that

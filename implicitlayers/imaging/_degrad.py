@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import check_choice, check_float, check_int
-from ._cg import tikhonov_cg
 from ._contractive import ContractiveDnCNN
 from ._linear_operator import LinearOperator, check_operator
+from ._tikhonov import tikhonov_cg
 
 __all__ = ["DEGRADCell"]
 
@@ -238,31 +238,33 @@ class DEGRADCell(nn.Module):
         d: Tensor,
         *,
         method: Literal["adjoint", "cg"] = "adjoint",
-        cg_steps: int = 10,
+        cg_max_iter: int = 11,
         tikhonov: float = 0.01,
     ) -> Tensor:
         r"""A starting iterate for the fixed-point solve (computed without autograd).
 
-        ``"adjoint"`` returns :math:`A^\top d`; ``"cg"`` runs ``cg_steps`` conjugate-gradient
-        steps on :math:`(A^\top A + \lambda I) x = A^\top d` from zero, as Gilton et al. do
-        (:math:`\lambda` = ``tikhonov``).
+        ``"adjoint"`` returns :math:`A^\top d`; ``"cg"`` solves
+        :math:`(A^\top A + \lambda I) x = A^\top d` from zero by :func:`tikhonov_cg`
+        (:math:`\lambda` = ``tikhonov``, its default tolerances) within ``cg_max_iter``
+        products, as Gilton et al. do: the default 11 is 10 CG steps and the product that
+        measures the residual.
 
         Args:
             d: ``(B, C, H, W)`` measurements.
             method: ``"adjoint"`` or ``"cg"``.
-            cg_steps: CG iterations for ``"cg"``.
+            cg_max_iter: The budget of :func:`tikhonov_cg` for ``"cg"`` (its ``max_iter``).
             tikhonov: :math:`\lambda \ge 0` for ``"cg"``.
 
         Returns:
             ``(B, C, H, W)`` detached initial point.
         """
         check_choice("method", method, ("adjoint", "cg"))
-        check_int("cg_steps", cg_steps, minimum=0)
+        check_int("cg_max_iter", cg_max_iter, minimum=1)
         check_float("tikhonov", tikhonov, low=0.0)
         with torch.no_grad():
             if method == "adjoint":
                 return self.operator.adjoint(d)
-            return tikhonov_cg(self.operator, d, lam=tikhonov, steps=cg_steps)
+            return tikhonov_cg(self.operator, d, lam=tikhonov, max_iter=cg_max_iter)
 
     def lipschitz_bound(self) -> float:
         r"""The guaranteed :math:`c + \eta \operatorname{Lip}(D)` of a contractive cell (the

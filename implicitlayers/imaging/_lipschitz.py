@@ -16,7 +16,7 @@ def estimate_lipschitz(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
     *,
-    iters: int = 50,
+    power_iterations: int = 50,
     generator: torch.Generator | None = None,
 ) -> float:
     r"""Estimate :math:`\|J_{fn}(x)\|_2`, the local Lipschitz constant of ``fn`` at ``x``.
@@ -43,7 +43,7 @@ def estimate_lipschitz(
             training-mode side effects (batch norm statistics, power-iteration buffers) are
             best put in ``eval()`` first.
         x: The point, ``(B, *S)``.
-        iters: Power iterations.
+        power_iterations: Power iterations :math:`K`.
         generator: Seeds the random starting vector.
 
     Returns:
@@ -60,7 +60,7 @@ def estimate_lipschitz(
         raise TypeError(f"fn must be callable as fn(x) -> Tensor, got {fn!r}")
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
-    check_int("iters", iters, minimum=1)
+    check_int("power_iterations", power_iterations, minimum=1)
     with torch.enable_grad():
         x_ = x.detach().requires_grad_(True)
         y = fn(x_)
@@ -83,7 +83,7 @@ def estimate_lipschitz(
 
         v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         v = v / v.norm()
-        for _ in range(iters):
+        for _ in range(power_iterations):
             w = vjp(jvp(v))
             norm = w.norm()
             if float(norm) == 0.0:

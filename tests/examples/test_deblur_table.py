@@ -91,7 +91,7 @@ def test_baselines_are_tuned_on_validation_images_only(table: dict[str, Any]) ->
     tuned = table["report"]["tuned"]
     assert tuned["tv"]["lam"] in deblur_table.TV_LAMBDAS
     pnp = tuned["pnp"]
-    assert (pnp["strength"], pnp["step_size"], pnp["iters"]) in deblur_table.PNP_GRID
+    assert (pnp["strength"], pnp["step_size"], pnp["max_iter"]) in deblur_table.PNP_GRID
 
 
 def test_a_time_budget_stops_every_rule_alike(tmp_path: Path) -> None:

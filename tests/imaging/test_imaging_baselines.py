@@ -10,6 +10,7 @@ from implicitlayers.imaging import (
     LinearOperator,
     add_noise,
     direct_inverse,
+    estimate_lipschitz,
     gradient_descent,
     operator_norm,
     pnp_deblur,
@@ -51,8 +52,8 @@ def test_tv_beats_tikhonov_on_a_piecewise_constant_image():
     A = GaussianBlur(5, 5.0, 1, dtype=F64)
     img = _piecewise_constant()
     d = add_noise(A(img), 0.05, generator=torch.Generator().manual_seed(0))
-    tv = tv_deblur(A, d, lam=0.02, iters=300)
-    tik = tikhonov_cg(A, d, lam=0.03, steps=100)
+    tv = tv_deblur(A, d, lam=0.02, max_iter=300)
+    tik = tikhonov_cg(A, d, lam=0.03)
     assert float(psnr(tv, img, data_range=2.0)) > float(psnr(tik, img, data_range=2.0)) + 5
     with pytest.raises(ValueError, match="lam"):
         tv_deblur(A, d, lam=0.0)
@@ -80,7 +81,7 @@ def test_gradient_descent_decreases_the_objective_monotonically(step_size, tikho
     gradient_descent(
         A,
         d,
-        steps=40,
+        max_iter=40,
         step_size=step_size,
         tikhonov=tikhonov,
         callback=lambda k, x: values.append(objective(x)),
@@ -98,7 +99,7 @@ def test_gradient_descent_with_too_large_a_step_is_not_monotone():
     def record(k, x):
         values.append(float((A(x) - d).pow(2).sum()))
 
-    gradient_descent(A, d, steps=60, step_size=2.5, callback=record)
+    gradient_descent(A, d, max_iter=60, step_size=2.5, callback=record)
     # modes of A^T A with eigenvalue > 0.8 (the smooth ones) grow by |1 - 2.5 lambda| > 1
     assert values[-1] > 100 * values[0]
 
@@ -107,21 +108,21 @@ def test_gradient_descent_default_step_is_one_over_norm_squared():
     A = GaussianBlur(5, 5.0, 1, dtype=F64)
     d = torch.randn(1, 1, 12, 12, dtype=F64)
     torch.testing.assert_close(
-        gradient_descent(A, d, steps=5), gradient_descent(A, d, steps=5, step_size=1.0)
+        gradient_descent(A, d, max_iter=5), gradient_descent(A, d, max_iter=5, step_size=1.0)
     )
     with pytest.raises(ValueError, match="step_size"):
-        gradient_descent(A, d, steps=5, step_size=-1.0)
+        gradient_descent(A, d, max_iter=5, step_size=-1.0)
 
 
 def test_pnp_reduces_to_gradient_descent():
     A = GaussianBlur(5, 5.0, 1, dtype=F64)
     d = add_noise(A(torch.rand(2, 1, 16, 16, dtype=F64)), 0.01)
-    gd = gradient_descent(A, d, steps=12, step_size=0.8)
+    gd = gradient_descent(A, d, max_iter=12, step_size=0.8)
     for strength in (0.0, 1.0, 0.3):
-        out = pnp_deblur(A, d, lambda v: v, iters=12, step_size=0.8, strength=strength)
+        out = pnp_deblur(A, d, lambda v: v, max_iter=12, step_size=0.8, strength=strength)
         torch.testing.assert_close(out, gd)
     # a denoiser that halves its input, at full strength: x <- 0.5 v
-    halves = pnp_deblur(A, d, lambda v: 0.5 * v, iters=1, step_size=0.8, strength=1.0)
+    halves = pnp_deblur(A, d, lambda v: 0.5 * v, max_iter=1, step_size=0.8, strength=1.0)
     v = A.adjoint(d) - 0.8 * A.adjoint(A(A.adjoint(d)) - d)
     torch.testing.assert_close(halves, 0.5 * v)
     with pytest.raises(ValueError, match="strength"):
@@ -148,7 +149,29 @@ def test_operators_without_norm_bound_use_a_power_estimate():
     assert 1.8 < operator_norm(op, d) <= 2.0
     values = []
     gradient_descent(
-        op, d, steps=20, callback=lambda k, x: values.append(float((op(x) - d).norm()))
+        op, d, max_iter=20, callback=lambda k, x: values.append(float((op(x) - d).norm()))
     )
     assert all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(values))
-    assert torch.isfinite(tv_deblur(op, d, lam=0.01, iters=20)).all()
+    assert torch.isfinite(tv_deblur(op, d, lam=0.01, max_iter=20)).all()
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda A, d, n: tikhonov_cg(A, d, max_iter=n), "max_iter"),
+        (lambda A, d, n: gradient_descent(A, d, max_iter=n), "max_iter"),
+        (lambda A, d, n: tv_deblur(A, d, lam=0.1, max_iter=n), "max_iter"),
+        (lambda A, d, n: pnp_deblur(A, d, lambda v: v, max_iter=n), "max_iter"),
+        (lambda A, d, n: operator_norm(A, d, power_iterations=n), "power_iterations"),
+        (lambda A, d, n: estimate_lipschitz(A, d, power_iterations=n), "power_iterations"),
+    ],
+)
+def test_every_iterative_budget_is_named_in_its_errors(call, name):
+    # One vocabulary: max_iter for an iterative method's budget, power_iterations for a
+    # power method's; a wrong value is refused naming the argument.
+    A, d = GaussianBlur(5, 5.0, 1, dtype=F64), torch.randn(1, 1, 8, 8, dtype=F64)
+    with pytest.raises(ValueError, match=rf"{name} must be >= "):
+        call(A, d, -1)
+    with pytest.raises(TypeError, match=name):
+        call(A, d, 2.5)
+    assert torch.as_tensor(call(A, d, 3)).isfinite().all()

@@ -123,11 +123,13 @@ def test_initial_point_cg_reduces_the_data_residual():
     cell = DEGRADCell(A, Scale())
     adj = cell.initial_point(d)
     torch.testing.assert_close(adj, A.adjoint(d))
-    cg = cell.initial_point(d, method="cg", cg_steps=10, tikhonov=0.01)
+    cg = cell.initial_point(d, method="cg", cg_max_iter=11, tikhonov=0.01)
     assert float((A(cg) - d).norm()) < 0.5 * float((A(adj) - d).norm())
     assert not cg.requires_grad
     with pytest.raises(ValueError, match="method must be one of"):
         cell.initial_point(d, method="lsqr")
+    with pytest.raises(ValueError, match="cg_max_iter must be >= 1"):
+        cell.initial_point(d, method="cg", cg_max_iter=0)
 
 
 def test_inside_a_deq_with_anderson_and_jfb():
@@ -212,7 +214,7 @@ def test_contractive_bound_with_an_anchor_is_certified(lam):
     d, x0 = torch.rand(2, 1, 12, 12, dtype=F64), torch.rand(2, 1, 12, 12, dtype=F64)
     from implicitlayers.imaging import estimate_lipschitz
 
-    est = estimate_lipschitz(lambda z: cell(z, d, x0), torch.rand_like(d), iters=100)
+    est = estimate_lipschitz(lambda z: cell(z, d, x0), torch.rand_like(d), power_iterations=100)
     assert 0.3 < est <= cell.lipschitz_bound()
     if lam:
         plain = DEGRADCell.contractive(A, D, step_size=0.5)

@@ -86,7 +86,7 @@ def test_normalized_conv_circular_adjoint_and_sigma():
     assert sigma >= 0.99 * exact
     # the normalised layer (zero padding, any input of the calibrated size) has norm <= ratio
     layer.eval()
-    est = estimate_lipschitz(layer, torch.randn(1, 3, 8, 8, dtype=F64), iters=100)
+    est = estimate_lipschitz(layer, torch.randn(1, 3, 8, 8, dtype=F64), power_iterations=100)
     assert est <= layer.lipschitz_ratio() * (1 + 1e-9)
     assert est > 0.9
 

@@ -145,7 +145,7 @@ def test_non_operators_are_refused_with_the_fix():
         "DEGRADCell": lambda op: DEGRADCell(op, nn.Identity()),
         "contractive": lambda op: DEGRADCell.contractive(op, ContractiveDnCNN(1, 3, 4)),
         "tikhonov_cg": lambda op: tikhonov_cg(op, d),
-        "gradient_descent": lambda op: gradient_descent(op, d, steps=1),
+        "gradient_descent": lambda op: gradient_descent(op, d, max_iter=1),
         "tv_deblur": lambda op: tv_deblur(op, d, lam=0.1),
         "pnp_deblur": lambda op: pnp_deblur(op, d, lambda v: v),
         "operator_norm": lambda op: operator_norm(op, d),
@@ -207,13 +207,13 @@ def test_tikhonov_cg_and_baselines_with_a_mask():
     m = torch.rand(1, 1, 6, 6, dtype=F64) * 0.9 + 0.1
     A = Mask(m)
     d = torch.randn(3, 1, 6, 6, dtype=F64)
-    x = tikhonov_cg(A, d, lam=0.1, steps=40)
+    x = tikhonov_cg(A, d, lam=0.1, atol=0.0, rtol=1e-13)
     torch.testing.assert_close(x, m * d / (m**2 + 0.1), rtol=1e-10, atol=1e-12)
     # no norm bound given: operator_norm estimates max |m| by power iteration
-    assert operator_norm(A, d, iters=500) == pytest.approx(float(m.max()), rel=1e-6)
+    assert operator_norm(A, d, power_iterations=500) == pytest.approx(float(m.max()), rel=1e-6)
     assert operator_norm(Downsample(), d) == 0.5  # a finite bound is used as is
     # gradient descent with the default step 1 / ||A||^2 converges to d / m on the mask
-    out = gradient_descent(A, d, steps=2000)
+    out = gradient_descent(A, d, max_iter=2000)
     torch.testing.assert_close(out, d / m, rtol=1e-4, atol=1e-4)
 
 
@@ -253,7 +253,7 @@ def test_an_operator_of_deepinvs_protocol_drives_the_degrad_cell():
     out = il.DEQ(cell, solver=il.Anderson(max_iter=30))(d, z0=op.adjoint(d))
     assert out.z.shape == x.shape and torch.isfinite(out.z).all()
     # The Tikhonov baseline takes it as well: it solves its normal equations.
-    rec = tikhonov_cg(physics, d, lam=0.1, steps=200)
+    rec = tikhonov_cg(physics, d, lam=0.1, rtol=1e-12)
     residual = op.normal(rec) + 0.1 * rec - op.adjoint(d)
     assert residual.abs().max() < 1e-8
     with pytest.raises(TypeError, match=r"A\(x\) and A_adjoint\(y\) \(deepinv's LinearPhysics"):

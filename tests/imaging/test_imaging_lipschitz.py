@@ -22,18 +22,22 @@ F64 = torch.float64
 def test_estimate_of_linear_and_nonlinear_maps():
     W = torch.randn(6, 6, dtype=F64)
     norm = float(torch.linalg.matrix_norm(W, ord=2))
-    assert estimate_lipschitz(lambda x: x @ W.T, torch.randn(1, 6, dtype=F64), iters=500) == (
-        pytest.approx(norm, rel=1e-6)
-    )
+    assert estimate_lipschitz(
+        lambda x: x @ W.T, torch.randn(1, 6, dtype=F64), power_iterations=500
+    ) == (pytest.approx(norm, rel=1e-6))
     # tanh(Wx) at 0 has Jacobian W; elsewhere the local norm is smaller (a lower bound)
     assert estimate_lipschitz(
-        lambda x: torch.tanh(x @ W.T), torch.zeros(1, 6, dtype=F64), iters=500
+        lambda x: torch.tanh(x @ W.T), torch.zeros(1, 6, dtype=F64), power_iterations=500
     ) == pytest.approx(norm, rel=1e-6)
     far = estimate_lipschitz(lambda x: torch.tanh(x @ W.T), 3 * torch.randn(1, 6, dtype=F64))
     assert far < norm
     assert estimate_lipschitz(lambda x: torch.ones_like(x), torch.randn(2, 3)) == 0.0
     A = GaussianBlur(5, 5.0, 2, dtype=F64)
-    assert 0.9 < estimate_lipschitz(A, torch.randn(1, 2, 16, 16, dtype=F64), iters=100) <= 1.0
+    assert (
+        0.9
+        < estimate_lipschitz(A, torch.randn(1, 2, 16, 16, dtype=F64), power_iterations=100)
+        <= 1.0
+    )
     with pytest.raises(TypeError, match="fn must be callable"):
         estimate_lipschitz(3, torch.randn(2))
 
@@ -71,7 +75,7 @@ def test_contractive_dncnn_estimates_respect_the_bound(contractive_denoiser):
     g = torch.Generator().manual_seed(1)
     for scale in (0.1, 1.0, 3.0):
         x = scale * torch.randn(2, 1, 16, 16, generator=g)
-        est = estimate_lipschitz(D, x, iters=30, generator=g)
+        est = estimate_lipschitz(D, x, power_iterations=30, generator=g)
         assert 0.05 < est <= bound
     # a smaller nominal constant scales the bound
     small = ContractiveDnCNN(channels=1, depth=4, width=8, lipschitz=0.5, input_size=(16, 16))
@@ -95,7 +99,7 @@ def test_calibrate_exact_restores_the_certificate_after_training():
         assert conv.lipschitz_ratio() == pytest.approx(1.0, abs=1e-5)
     assert D.lipschitz_bound() == pytest.approx(D.lipschitz, rel=1e-5)
     est = estimate_lipschitz(
-        D.eval(), torch.randn(2, 1, 12, 12, generator=g), iters=30, generator=g
+        D.eval(), torch.randn(2, 1, 12, 12, generator=g), power_iterations=30, generator=g
     )
     assert est <= D.lipschitz_bound()
     with pytest.raises(ValueError, match=r"pass input_size=\(H, W\)"):
@@ -137,7 +141,9 @@ def test_contractive_dncnn_skip_is_a_certified_convex_mix():
     D.calibrate_exact()
     assert D.lipschitz_bound() == pytest.approx(D.lipschitz, rel=1e-6)
     for scale in (0.1, 3.0):
-        est = estimate_lipschitz(D, scale * torch.randn(2, 1, 12, 12, dtype=F64), iters=50)
+        est = estimate_lipschitz(
+            D, scale * torch.randn(2, 1, 12, 12, dtype=F64), power_iterations=50
+        )
         assert 0.9 * D.lipschitz * (1 - t) < est <= D.lipschitz_bound()
     plain = ContractiveDnCNN(channels=1, depth=4, width=8, input_size=(12, 12), skip=None).eval()
     assert plain.mix is None and plain.raw_mix is None
