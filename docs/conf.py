@@ -78,6 +78,10 @@ nitpick_ignore = [
     ("py:mod", "torch.nn.utils.parametrizations"),
     ("py:func", "torch.utils.checkpoint.checkpoint"),
     ("py:class", "implicitlayers.nn._dropout._VariationalDropoutBase"),
+    # Private bases that hold what their public subclasses share.
+    ("py:class", "implicitlayers.nn._splitting._SplittingSolver"),
+    ("py:class", "implicitlayers.nn._monotone.DenseMonotoneCell"),
+    ("py:class", "Eviction"),  # FixedPointCache's eviction Literal, spelled out in its docs
 ]
 
 # -- Intersphinx: only with network access or local inventories ----------------------------------

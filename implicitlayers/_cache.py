@@ -198,7 +198,7 @@ class FixedPointCache:
         return optimizer.register_step_post_hook(lambda *args: self.step())
 
     def reset_stats(self) -> None:
-        """Zero :attr:`stats`."""
+        """Zero the counts in ``stats``."""
         self.stats = CacheStats()
 
     def clear(self) -> None:

@@ -27,7 +27,8 @@ _SUCCESS, _MAX_ITER = int(Status.SUCCESS), int(Status.MAX_ITER)
 
 @dataclass(frozen=True)
 class SHINEResult(SolverResult):
-    r"""What a :class:`SHINE` backward pass did, per sample (``DEQ.last_backward_result``).
+    r"""What a :class:`~implicitlayers.SHINE` backward pass did, per sample
+    (``DEQ.last_backward_result``).
 
     The fields of :class:`~implicitlayers.SolverResult` describe the returned :math:`u`:
     ``residual`` is its adjoint residual :math:`\|g - (I - J^\top) u\|`, measured (one VJP);
@@ -79,7 +80,7 @@ class SHINE(AbstractBackward):
     (:math:`\rho \ge 1`) is solved without it, one the preconditioned solve broke down on
     goes on without it from where it got, and the whole costs at most the solver's
     ``max_iter`` VJPs and one. ``DEQ.last_backward_result`` reports per sample which way
-    was taken and the measured residual (:class:`SHINEResult`).
+    was taken and the measured residual (:class:`~implicitlayers.backward.SHINEResult`).
 
     Memory stays that of the forward solver's history (two ``(B, k, n)`` tensors), whatever
     the number of iterations. The estimate's quality depends on the forward solve: a solve
@@ -153,7 +154,8 @@ class SHINE(AbstractBackward):
 
     @property
     def estimate(self) -> InverseEstimate | None:
-        """The estimate this rule holds (set by :meth:`with_estimate`), else ``None``."""
+        """The estimate this rule holds (set by
+        :meth:`~implicitlayers.SHINE.with_estimate`), else ``None``."""
         held: InverseEstimate | None = self.__dict__.get("_estimate")
         return held
 
@@ -333,8 +335,8 @@ class SHINE(AbstractBackward):
         estimate_residual: Tensor,
         sync_free: bool,
     ) -> SHINEResult:
-        """The :class:`SHINEResult` of ``result``, with the policy applied (not under a
-        ``torch.func`` transform, whose statuses cannot be read)."""
+        """The :class:`~implicitlayers.backward.SHINEResult` of ``result``, with the policy
+        applied (not under a ``torch.func`` transform, whose statuses cannot be read)."""
         if not sync_free:
             self._warn(result)
         return SHINEResult(
