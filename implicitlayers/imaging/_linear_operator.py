@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -190,6 +191,24 @@ class PhysicsOperator(LinearOperator):
             )
         self.physics = physics
 
+    def to(self, *args: Any, **kwargs: Any) -> PhysicsOperator:
+        """As :meth:`torch.nn.Module.to`, except that a real floating ``dtype`` casts complex
+        parameters and buffers to its complex counterpart (``float64``: ``complex128``).
+        torch's own ``to`` casts them to the real dtype, dropping the imaginary part: an FFT
+        operator such as deepinv's ``BlurFFT``, whose filter's phase is a complex buffer,
+        would compute another operator afterwards."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        paired = _COMPLEX_OF.get(dtype) if dtype is not None else None
+        if paired is None:
+            return super().to(*args, **kwargs)
+
+        def cast(t: Tensor) -> Tensor:
+            target = paired if t.is_complex() else dtype if t.is_floating_point() else None
+            return t.to(device, target, non_blocking)
+
+        self._apply(cast)  # type: ignore[no-untyped-call]
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.physics.A(x)  # type: ignore[attr-defined]
         return out
@@ -197,6 +216,14 @@ class PhysicsOperator(LinearOperator):
     def adjoint(self, y: Tensor) -> Tensor:
         out: Tensor = self.physics.A_adjoint(y)  # type: ignore[attr-defined]
         return out
+
+
+#: The complex dtype a real floating dtype casts a complex tensor to.
+_COMPLEX_OF = {
+    torch.float64: torch.complex128,
+    torch.float32: torch.complex64,
+    torch.float16: torch.complex32,
+}
 
 
 def check_operator(name: str, operator: object) -> LinearOperator:

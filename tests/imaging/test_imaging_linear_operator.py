@@ -258,3 +258,34 @@ def test_an_operator_of_deepinvs_protocol_drives_the_degrad_cell():
     assert residual.abs().max() < 1e-8
     with pytest.raises(TypeError, match=r"A\(x\) and A_adjoint\(y\) \(deepinv's LinearPhysics"):
         DEGRADCell(object(), DnCNN(channels=1, depth=3, width=4))
+
+
+class _FourierPhysics(torch.nn.Module):
+    """A circular shift by one pixel as deepinv's ``BlurFFT`` computes it: the filter's
+    Fourier transform is a complex buffer."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        kernel = torch.zeros(size, size)
+        kernel[0, 1] = 1.0  # y[i, j] = x[i, j - 1]
+        self.register_buffer("filter", torch.fft.fft2(kernel))
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.ifft2(torch.fft.fft2(x) * self.filter).real
+
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.fft.ifft2(torch.fft.fft2(y) * self.filter.conj()).real
+
+
+def test_a_cast_keeps_the_complex_buffers_of_a_wrapped_physics_complex():
+    from implicitlayers.imaging import PhysicsOperator
+
+    op = PhysicsOperator(_FourierPhysics(8)).to(torch.float64)
+    assert op.physics.filter.dtype == torch.complex128  # torch's own to() would drop .imag
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    # (the filter was built in complex64: round-off 1e-8; without the fix the error is 1)
+    torch.testing.assert_close(op(x), x.roll(1, dims=-1), rtol=0, atol=1e-6)
+    assert op.check_adjoint(x) < 1e-12
+    back = op.to(torch.float32)
+    assert back.physics.filter.dtype == torch.complex64
+    assert op.to("cpu", non_blocking=False) is op  # no dtype: torch's own to()
