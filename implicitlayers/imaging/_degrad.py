@@ -100,12 +100,14 @@ class DEGRADCell(nn.Module):
         >>> import torch, implicitlayers as il
         >>> from implicitlayers.imaging import DEGRADCell, DnCNN, GaussianBlur, add_noise
         >>> A = GaussianBlur(kernel_size=5, std=5.0, channels=1)
-        >>> cell = DEGRADCell(A, DnCNN(channels=1, depth=3, width=8), step_size=0.1)
+        >>> D = DnCNN(channels=1, depth=3, width=8)  # R = the noise D predicts
+        >>> cell = DEGRADCell(A, D, step_size=0.1, residual_regularizer=True)
+        >>> _ = cell.eval()  # batch norm on running statistics: one map per sample
         >>> d = add_noise(A(torch.rand(2, 1, 16, 16) * 2 - 1), 0.01)
         >>> deq = il.DEQ(cell, solver=il.Anderson(max_iter=30), backward=il.JFB())
         >>> x, result = deq(d, z0=cell.initial_point(d))
-        >>> x.shape
-        torch.Size([2, 1, 16, 16])
+        >>> x.shape, bool(result.converged.all())
+        (torch.Size([2, 1, 16, 16]), True)
         >>> x.mean().backward()  # gradients reach the DnCNN and the step size
     """
 
