@@ -175,11 +175,14 @@ class _Solve(torch.autograd.Function):
         )
         outputs = _Solve.apply(folded0, request, *folded)  # type: ignore[no-untyped-call]
         request.vmapped = True
-        unfolded = [o.reshape(mapped, batch, *o.shape[1:]) for o in outputs]
+        traced = request.out is not None and request.out.trace is not None
+        per_sample = outputs[:-1] if traced else outputs
+        unfolded = [o.reshape(mapped, batch, *o.shape[1:]) for o in per_sample]
         dims = [0] * len(unfolded)
-        if request.out is not None and request.out.trace is not None:
-            trace = outputs[-1]  # (K, V * B) -> (K, V, B), mapped at dim 1
-            unfolded[-1], dims[-1] = trace.reshape(trace.shape[0], mapped, batch), 1
+        if traced:  # the trace is (K, V * B): (K, V, B), mapped at dim 1
+            trace = outputs[-1]
+            unfolded.append(trace.reshape(trace.shape[0], mapped, batch))
+            dims.append(1)
         return tuple(unfolded), tuple(dims)
 
 

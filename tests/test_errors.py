@@ -996,3 +996,113 @@ def test_a_solver_step_returning_complex_iterates_is_refused():
     with pytest.raises(TypeError, match=r"Complexify\.step returned a torch\.complex128 z_next"):
         il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(1, 1, dtype=torch.float64),
                        solver=Complexify(max_iter=5))  # fmt: skip
+
+
+# --- Messages of the map checks, worded exactly -----------------------------------------------
+
+
+def _coupled_batch(n: int) -> tuple:
+    """A batch-mean map (it couples the samples) and ``n`` inputs."""
+    x = torch.arange(1.0, n + 1.0, dtype=F64)[:, None].repeat(1, 2)
+    return (lambda z, x: 0.5 * (z - z.mean(0, keepdim=True)) + x), x
+
+
+#: What the checks of ``f`` and of the state say: (call, error, message).
+MAP_CHECK_ERRORS = [
+    (
+        lambda: il.DEQ(lambda z, x: 0.5 * z + x)(
+            torch.randn(2, 3, dtype=torch.complex128), z0=torch.zeros(2, 3, dtype=F64)
+        ),
+        TypeError,
+        "f returned a torch.complex128 state for a torch.float64 state: its imaginary part "
+        "would be dropped and the solve would find the fixed point of Re f, not of f. Solve "
+        "for the real and imaginary parts as a real state (a tuple (re, im), or "
+        "torch.view_as_real), with f returning them real.",
+    ),
+    (
+        lambda: il.fixed_point(lambda z: z, torch.zeros(2, 3, dtype=torch.int64)),
+        TypeError,
+        "z0 must hold real floating-point tensors, got dtype torch.int64; pass z0 as float32 "
+        "or float64 (a complex state: its real and imaginary parts as two tensors of a tuple "
+        "state, or torch.view_as_real)",
+    ),
+    (
+        lambda: il.DEQ(lambda z, x: 0.5 * z + x)(torch.randn(16)),
+        ValueError,
+        "the first input has shape (16,), which leaves no feature dimension for the default "
+        "z0 = zeros_like(inputs[0]): the leading dimension is the batch. For one sample of 16 "
+        "features pass x.unsqueeze(0); for a batch of scalars pass x.unsqueeze(1); or pass z0 "
+        "with shape (B, *S) yourself.",
+    ),
+    (
+        lambda: il.DEQ(
+            _coupled_batch(12)[0], solver=il.Picard(max_iter=200), independent_samples=True
+        )(_coupled_batch(12)[1]),
+        ValueError,
+        "independent_samples=True, but f couples the samples: 12 samples (0, 1, 2, 3, 4, 5, 6, "
+        "7, 8, 9, ...) met the tolerance when f saw only the samples still running, yet at the "
+        "whole returned batch their residual is up to 3.82 (their bound: 0.00239). f mixes "
+        "information across the batch (batch statistics, a batch mean, attention across "
+        "samples), so its fixed point depends on the whole batch: solve with "
+        "independent_samples=False.",
+    ),
+    (
+        lambda: torch.func.vmap(lambda xi, yi: il.DEQ(lambda z, x, y: 0.5 * z + x + y)(xi, yi).z)(
+            torch.randn(3, 2, 4), torch.randn(3, 4)
+        ),
+        ValueError,
+        "vmap over input 1 of shape (4,) (mapped size 3): the solve folds the mapped dimension "
+        "into the batch of 2 samples, so every mapped tensor the solve takes must be batched "
+        "like the state (leading dimension 2). Map only over tensors batched like the state "
+        "(the inputs and z0), or close over the others.",
+    ),
+    (
+        lambda: il.DEQ(lambda z, x: 0.5 * z + x, has_aux=True)(torch.randn(2, 3)),
+        TypeError,
+        "DEQ(f, has_aux=True) needs f to return a pair (z_next, aux), got Tensor; return "
+        "(z_next, aux) or pass has_aux=False",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "message"), MAP_CHECK_ERRORS)
+def test_the_map_checks_are_worded_exactly(call, error, message):
+    with pytest.raises(error) as caught:
+        call()
+    assert str(caught.value) == message
+
+
+def test_a_coupled_f_with_a_wider_output_is_still_caught():
+    # f returns float64 for a float32 state: the check compares in the state's dtype.
+    f, x = _coupled_batch(4)
+    with pytest.raises(ValueError, match=r"^independent_samples=True, but f couples"):
+        il.DEQ(lambda z, x: f(z, x).double(), independent_samples=True)(x.float())
+
+
+#: The advice a failed sample gets, by status and solver: (status, solver, message).
+ADVICE = [
+    (
+        Status.DIVERGED,
+        il.Anderson(),
+        f"{Status.DIVERGED.message} If f couples the samples (batch statistics, a batch mean), "
+        "Anderson's per-sample model of f is wrong and can diverge where Picard converges: "
+        "try Picard (with a mixing below 1).",
+    ),
+    (Status.DIVERGED, il.Picard(), Status.DIVERGED.message),
+    (
+        Status.BREAKDOWN,
+        il.Broyden(),
+        "Broyden's rank-one update was singular and its memory restarted, and the sample did "
+        "not reach the tolerance after it. Lower history_size, raise max_iter, or use Anderson "
+        "or Picard.",
+    ),
+    (Status.BREAKDOWN, il.Anderson(), Status.BREAKDOWN.message),
+    (Status.NONFINITE, il.Broyden(), Status.NONFINITE.message),
+]
+
+
+@pytest.mark.parametrize(("status", "solver", "message"), ADVICE)
+def test_the_advice_is_worded_exactly_for_each_status_and_solver(status, solver, message):
+    from implicitlayers._solve import _advice
+
+    assert _advice(status, solver) == message

@@ -63,6 +63,21 @@ def test_a_wider_real_f_is_solved_in_the_state_dtype():
     assert r.z.dtype == torch.float32 and r.converged.all() and r.z.item() == 2.0
 
 
+def test_running_rows_select_the_inputs_batched_like_the_state_only():
+    # A batch of 4 states of 2 features, an input batched like them and a shared (2,) shift:
+    # the samples stop at different steps, and only the batched input is cut to the running
+    # rows (a shift whose length is the feature count is shared, not a batch).
+    x = torch.tensor([[1.0, 0.0], [10.0, 5.0], [100.0, 0.0], [1000.0, 1.0]], dtype=F64)
+    shift = torch.tensor([0.5, -2.0], dtype=F64)
+    solver = il.Picard(max_iter=200, rtol=0.0, atol=1e-9)  # the larger, the more steps
+    r = il.fixed_point(
+        lambda z, x, s: 0.5 * z + x + s, torch.zeros(4, 2, dtype=F64), x, shift,
+        solver=solver, independent_samples=True,
+    )  # fmt: skip
+    assert len(set(r.n_steps.tolist())) > 1 and r.converged.all()
+    torch.testing.assert_close(r.z, 2 * (x + shift), rtol=0, atol=4e-9)  # twice atol
+
+
 # --- A random f does not pass silently ------------------------------------------------------
 
 

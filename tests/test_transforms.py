@@ -124,6 +124,24 @@ def test_nested_vmap_folds_every_mapped_dimension_into_the_batch():
     assert status.shape == (2, 3, 4) and (status == il.Status.SUCCESS).all()
 
 
+def test_a_traced_solve_under_vmap_returns_each_mapped_batch_s_trace():
+    # The trace is (K, B), not per sample first: under vmap it is (V, K, B), that of the one
+    # folded solve, whose first rows are each mapped batch's own trace (a sample that stopped
+    # repeats its last residual).
+    cell = Cell()
+    deq = il.DEQ(cell, solver=il.Picard(max_iter=100, rtol=1e-10, trace=True))
+    x = torch.randn(3, 2, 3, dtype=F64)
+    z0 = torch.zeros(2, 4, dtype=F64)
+    z, trace = vmap(lambda xb: (lambda out: (out.z, out.result.trace))(deq(xb, z0=z0)))(x)
+    whole = deq(x.reshape(6, 3), z0=torch.zeros(6, 4, dtype=F64)).result.trace
+    assert trace.shape == (3, whole.shape[0], 2)
+    assert torch.equal(trace, whole.reshape(-1, 3, 2).movedim(1, 0))
+    for v in range(3):
+        own = deq(x[v], z0=z0)
+        assert torch.equal(trace[v, : own.result.trace.shape[0]], own.result.trace)
+        torch.testing.assert_close(z[v], own.z, rtol=0, atol=1e-12)
+
+
 def test_fixed_point_under_vmap():
     x = torch.randn(6, 2, 3, dtype=F64)
     f = lambda z, x: 0.5 * torch.tanh(z) + x  # noqa: E731
