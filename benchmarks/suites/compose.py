@@ -156,7 +156,7 @@ def _tall_jacobian(ctx: SuiteContext, cfg: dict[str, Any], suite: SuiteResult) -
 
     forward = jacfwd(solution)(x)
     reverse = jacrev(solution)(x)
-    difference = float((forward - reverse).abs().max())
+    difference = float((forward - reverse).detach().abs().max())
     times = _alternate(
         {"jacfwd": lambda: jacfwd(solution)(x), "jacrev": lambda: jacrev(solution)(x)},
         cfg["repeats"],

@@ -131,16 +131,18 @@ class Anderson(AbstractSolver):
     def init(self, z: Tensor) -> SolverState:
         batch = z.shape[0]
         m = self.history_size
+        constants = _constants(z, m, self.regularization)
+        history = history_buffer(z, m)
         return {
             # beta f(z_i) + (1 - beta) z_i and g_i = f(z_i) - z_i; only the slots filled so
             # far are read. Built from z (not new_empty), so that under torch.func.vmap the
             # buffers are batched like the values written into them.
-            "X": history_buffer(z, m),
-            "G": history_buffer(z, m),
+            "X": history,
+            "G": history.clone(),
             # The bordered system, slot i at row and column i + 1. A slot holding a pair since
             # the last restart has a border 1; one without a pair a zero border and a unit
             # diagonal (its weight is 0), so the border is also the mask of valid slots.
-            "system": _batched_copy(z, _constants(z, m, self.regularization)["empty"]),
+            "system": _batched_copy(z, constants["empty"]),
             # No pair before this step's (the first step, or the one after a restart): its
             # step is the plain one, so the next iterate is not tested.
             "fresh": torch.ones(batch, dtype=torch.bool, device=z.device),
@@ -152,7 +154,7 @@ class Anderson(AbstractSolver):
             "floor": torch.zeros(batch, dtype=z.dtype, device=z.device),
             # Constants, as batch-sized views of one matrix (no memory): building them on
             # every step would cost a handful of operations per iteration.
-            **_constants(z, m, self.regularization),
+            **constants,
         }
 
     def step(
