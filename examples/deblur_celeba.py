@@ -11,7 +11,7 @@ noise of standard deviation 0.01. DE-GRAD (Gilton, Ongie & Willett, 2021) recons
     T(x; d) = \Pi\big(x - \eta\,(A^\top (A x - d) + x - D_\theta(x) + \lambda (x - x_0))\big),
 
 with :math:`D_\theta` a DnCNN denoiser (the regulariser is :math:`R = I - D`), :math:`\eta`
-learned, an anchor to the start :math:`x_0` (``--anchor`` :math:`\lambda`: a true equilibrium)
+learned, an anchor to the start :math:`x_0` (``--anchor`` :math:`\lambda`)
 and :math:`\Pi` the clamp to :math:`[-1, 1]`. As in Liu, Tong & Zhao (2024) the
 network is trained with JFB: the loss's gradient flows through one application of :math:`T`
 at the detached fixed point (``--backward`` picks another of the library's rules).
