@@ -154,8 +154,7 @@ class SHINE(AbstractBackward):
 
     @property
     def estimate(self) -> InverseEstimate | None:
-        """The estimate this rule holds (set by
-        :meth:`~implicitlayers.SHINE.with_estimate`), else ``None``."""
+        """The estimate this rule holds (set by ``with_estimate``), else ``None``."""
         held: InverseEstimate | None = self.__dict__.get("_estimate")
         return held
 

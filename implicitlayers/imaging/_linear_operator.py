@@ -192,7 +192,7 @@ class PhysicsOperator(LinearOperator):
         self.physics = physics
 
     def to(self, *args: Any, **kwargs: Any) -> PhysicsOperator:
-        """As :meth:`torch.nn.Module.to`, except that a real floating ``dtype`` casts complex
+        """As ``torch.nn.Module.to``, except that a real floating ``dtype`` casts complex
         parameters and buffers to its complex counterpart (``float64``: ``complex128``).
         torch's own ``to`` casts them to the real dtype, dropping the imaginary part: an FFT
         operator such as deepinv's ``BlurFFT``, whose filter's phase is a complex buffer,
